@@ -1,0 +1,97 @@
+"""Exceptions and the one place that turns them into gitlab-runner exit codes.
+
+gitlab-runner reads the exit code of every stage: BUILD_FAILURE_EXIT_CODE blames the job's
+script, SYSTEM_FAILURE_EXIT_CODE blames the infrastructure (and is retried during prepare). Any
+other code is an "unknown" failure. Python's and click's default exit 1 would read as a build
+failure, so nothing here is left to defaults: everything that is not a BuildFailure is a system
+failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+DEFAULT_BUILD_FAILURE_EXIT_CODE = 1
+DEFAULT_SYSTEM_FAILURE_EXIT_CODE = 2
+
+
+class ExecutorError(Exception):
+    """Base class of every error the executor raises on purpose."""
+
+
+class ConfigError(ExecutorError):
+    """The operator's configuration (or the host set-up) is wrong."""
+
+
+class JobError(ExecutorError):
+    """The job payload or environment given by gitlab-runner is unusable."""
+
+
+class SystemFailure(ExecutorError):
+    """Infrastructure failed: libvirt, the VM, SSH, a timeout."""
+
+
+class Interrupted(SystemFailure):
+    """SIGTERM (or SIGINT) arrived: gitlab-runner cancelled the job or timed out."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        super().__init__(f"interrupted by {signal_name}")
+        self.signal_name = signal_name
+
+
+class BuildFailure(ExecutorError):
+    """The job's own script exited non-zero: the user's fault, with their exit status."""
+
+    def __init__(self, exit_status: int) -> None:
+        super().__init__(f"job script exited with status {exit_status}")
+        self.exit_status = exit_status
+
+
+def _code_from(environ: Mapping[str, str], key: str, default: int) -> int:
+    try:
+        return int(environ.get(key, ""))
+    except ValueError:
+        return default
+
+
+def exit_code_for(exc: BaseException | None, environ: Mapping[str, str]) -> int:
+    """The process exit code for the outcome `exc` (None means success)."""
+    if exc is None:
+        return 0
+    if isinstance(exc, BuildFailure):
+        return _code_from(environ, "BUILD_FAILURE_EXIT_CODE", DEFAULT_BUILD_FAILURE_EXIT_CODE)
+    return _code_from(environ, "SYSTEM_FAILURE_EXIT_CODE", DEFAULT_SYSTEM_FAILURE_EXIT_CODE)
+
+
+def write_build_exit_code(exit_status: int, environ: Mapping[str, str]) -> None:
+    """Record the script's status where gitlab-runner reads it (allow_failure: exit_codes).
+
+    The runner parses the first line with strconv.Atoi: a bare integer, no spaces. The file is
+    never cleared between stages by the runner, so it is always rewritten whole.
+    """
+    path = environ.get("BUILD_EXIT_CODE_FILE")
+    if not path:
+        return
+    with open(path, "w", encoding="ascii") as f:
+        f.write(f"{int(exit_status)}\n")
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description for the job log, never a traceback."""
+    text = str(exc) or exc.__class__.__name__
+    if not isinstance(exc, ExecutorError):
+        text = f"unexpected {exc.__class__.__name__}: {text}"
+    return " ".join(text.split())
+
+
+__all__ = [
+    "BuildFailure",
+    "ConfigError",
+    "ExecutorError",
+    "Interrupted",
+    "JobError",
+    "SystemFailure",
+    "describe",
+    "exit_code_for",
+    "write_build_exit_code",
+]

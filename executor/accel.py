@@ -1,0 +1,61 @@
+"""Choosing the accelerator: KVM where it can boot the image, TCG otherwise.
+
+libvirt offers KVM whenever /dev/kvm opens, but that is not enough: some hosts (our CI machines)
+expose /dev/kvm through a paravirtual nested module (`kvm_pvm`) on which a stock Debian kernel
+dies with a KVM internal error or hangs. Hardware virtualisation shows as the vmx (Intel) or
+svm (AMD) CPU flag; without it, `auto` picks TCG. `decide` is pure; `host_facts` reads /proc.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from executor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    kvm_offered: bool  # libvirt's domain capabilities list a kvm domain
+    cpu_virt_flag: bool  # vmx or svm in /proc/cpuinfo
+    paravirt_kvm: bool  # the kvm_pvm module is loaded
+
+
+@dataclass(frozen=True)
+class Choice:
+    accel: str  # "kvm" or "tcg"
+    domain_type: str  # libvirt <domain type=...>: "kvm" or "qemu"
+    reason: str
+
+
+def decide(setting: str, facts: HostFacts) -> Choice:
+    kvm = Choice("kvm", "kvm", "")
+    if setting == "tcg":
+        return Choice("tcg", "qemu", "accel = \"tcg\" in the config")
+    if setting == "kvm":
+        if not facts.kvm_offered:
+            raise ConfigError('accel = "kvm" but libvirt offers no KVM on this host (is /dev/kvm there?)')
+        return Choice("kvm", "kvm", 'accel = "kvm" in the config')
+    if not facts.kvm_offered:
+        return Choice("tcg", "qemu", "libvirt offers no KVM on this host")
+    if facts.paravirt_kvm:
+        return Choice("tcg", "qemu", "/dev/kvm is the paravirtual kvm_pvm module, which cannot boot a stock kernel")
+    if not facts.cpu_virt_flag:
+        return Choice("tcg", "qemu", "the CPU shows no vmx/svm flag, so /dev/kvm cannot run a stock kernel")
+    return Choice(kvm.accel, kvm.domain_type, "hardware virtualisation available")
+
+
+def host_facts(kvm_offered: bool) -> HostFacts:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = set()
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        flags = set()
+    return HostFacts(
+        kvm_offered=kvm_offered,
+        cpu_virt_flag=bool(flags & {"vmx", "svm"}),
+        paravirt_kvm=os.path.isdir("/sys/module/kvm_pvm"),
+    )

@@ -1,0 +1,327 @@
+"""The only module that imports libvirt.
+
+It takes and returns plain strings, bytes and small dataclasses; XML is built and parsed in
+`domain_xml`. libvirt errors become SystemFailure, except the "it is not there" cases that
+cleanup and reap need to treat as success, which are narrowed here by error code.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import libvirt
+
+from executor.errors import ConfigError, SystemFailure
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr by default; each one also raises, so silence the printer.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+_ACTIVE_STATES = {"running", "blocked", "paused", "shutdown", "suspended", "nostate"}
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    state: str
+    metadata: str | None  # our metadata element as XML text, None if the domain has none
+
+    @property
+    def active(self) -> bool:
+        return self.state in _ACTIVE_STATES
+
+
+def _code(exc: libvirt.libvirtError) -> int:
+    return exc.get_error_code()
+
+
+def _failure(what: str, exc: libvirt.libvirtError) -> SystemFailure:
+    return SystemFailure(f"libvirt: {what}: {exc.get_error_message()}")
+
+
+class Hypervisor:
+    def __init__(self, conn: libvirt.virConnect, metadata_ns: str) -> None:
+        self._conn = conn
+        self._ns = metadata_ns
+
+    # --- domains -------------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise _failure(f"looking up domain {name}", exc) from None
+
+    def _metadata(self, dom: libvirt.virDomain) -> str | None:
+        try:
+            return dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, self._ns, 0)
+        except libvirt.libvirtError as exc:
+            if _code(exc) in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+                return None
+            raise _failure("reading domain metadata", exc) from None
+
+    def _info(self, dom: libvirt.virDomain) -> DomainInfo:
+        state, _reason = dom.state()
+        return DomainInfo(dom.name(), _STATE_NAMES.get(state, "unknown"), self._metadata(dom))
+
+    def domain(self, name: str) -> DomainInfo | None:
+        dom = self._lookup(name)
+        if dom is None:
+            return None
+        try:
+            return self._info(dom)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # destroyed between lookup and state()
+            raise _failure(f"reading domain {name}", exc) from None
+
+    def domains(self) -> list[DomainInfo]:
+        try:
+            doms = self._conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise _failure("listing domains", exc) from None
+        infos = []
+        for dom in doms:
+            try:
+                infos.append(self._info(dom))
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise _failure("reading a domain", exc) from None
+        return infos
+
+    def define_and_start(self, xml: str) -> None:
+        """Define a persistent domain and start it. On a start failure the definition stays for
+        the caller's rollback to remove (it knows the name and cleans up volumes too)."""
+        try:
+            dom = self._conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise _failure("defining domain", exc) from None
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            raise _failure(f"starting domain {dom.name()}", exc) from None
+
+    def destroy(self, name: str) -> bool:
+        """Hard power-off (never a shutdown request a hostile guest could ignore).
+        Returns False if there was nothing to destroy."""
+        dom = self._lookup(name)
+        if dom is None:
+            return False
+        try:
+            dom.destroy()
+            return True
+        except libvirt.libvirtError as exc:
+            if _code(exc) in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                return False  # already gone, or not running
+            raise _failure(f"destroying domain {name}", exc) from None
+
+    def undefine(self, name: str) -> bool:
+        dom = self._lookup(name)
+        if dom is None:
+            return False
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        )
+        try:
+            dom.undefineFlags(flags)
+            return True
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            if _code(exc) in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
+                try:
+                    dom.undefine()
+                    return True
+                except libvirt.libvirtError as exc2:
+                    if _code(exc2) == libvirt.VIR_ERR_NO_DOMAIN:
+                        return False
+                    raise _failure(f"undefining domain {name}", exc2) from None
+            raise _failure(f"undefining domain {name}", exc) from None
+
+    # --- storage -------------------------------------------------------------------------
+
+    def _pool(self, pool: str) -> libvirt.virStoragePool:
+        try:
+            p = self._conn.storagePoolLookupByName(pool)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise ConfigError(
+                    f"storage pool {pool!r} does not exist (run `libvirt-executor setup`)"
+                ) from None
+            raise _failure(f"looking up pool {pool}", exc) from None
+        if not p.isActive():
+            raise ConfigError(f"storage pool {pool!r} is not active (run `libvirt-executor setup`)")
+        return p
+
+    def volume_names(self, pool: str) -> list[str]:
+        p = self._pool(pool)
+        try:
+            p.refresh(0)
+            return sorted(p.listVolumes())
+        except libvirt.libvirtError as exc:
+            raise _failure(f"listing volumes of pool {pool}", exc) from None
+
+    def volume_path(self, pool: str, name: str) -> str | None:
+        try:
+            return self._pool(pool).storageVolLookupByName(name).path()
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise _failure(f"looking up volume {name}", exc) from None
+
+    def create_volume(self, pool: str, xml: str) -> str:
+        try:
+            return self._pool(pool).createXML(xml, 0).path()
+        except libvirt.libvirtError as exc:
+            raise _failure("creating volume", exc) from None
+
+    def upload_volume(self, pool: str, name: str, data: bytes) -> None:
+        try:
+            vol = self._pool(pool).storageVolLookupByName(name)
+            stream = self._conn.newStream(0)
+            vol.upload(stream, 0, len(data), 0)
+            view = memoryview(data)
+            while view:
+                sent = stream.send(bytes(view[: 1 << 20]))
+                if sent < 0:
+                    raise SystemFailure(f"libvirt: upload to volume {name} failed")
+                view = view[sent:]
+            stream.finish()
+        except libvirt.libvirtError as exc:
+            raise _failure(f"uploading volume {name}", exc) from None
+
+    def delete_volume(self, pool: str, name: str) -> bool:
+        try:
+            vol = self._pool(pool).storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            raise _failure(f"looking up volume {name}", exc) from None
+        try:
+            vol.delete(0)
+            return True
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            raise _failure(f"deleting volume {name}", exc) from None
+
+    # --- host set-up and checks ------------------------------------------------------------
+
+    def ensure_pool(self, name: str, xml: str) -> bool:
+        """Define, build, start and autostart a pool if needed. True if anything changed."""
+        changed = False
+        try:
+            p = self._conn.storagePoolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise _failure(f"looking up pool {name}", exc) from None
+            try:
+                p = self._conn.storagePoolDefineXML(xml, 0)
+                p.build(0)
+            except libvirt.libvirtError as exc2:
+                raise _failure(f"defining pool {name}", exc2) from None
+            changed = True
+        try:
+            if not p.isActive():
+                p.create(0)
+                changed = True
+            if not p.autostart():
+                p.setAutostart(1)
+                changed = True
+        except libvirt.libvirtError as exc:
+            raise _failure(f"starting pool {name}", exc) from None
+        return changed
+
+    def ensure_network(self, name: str, xml: str) -> bool:
+        changed = False
+        try:
+            net = self._conn.networkLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) != libvirt.VIR_ERR_NO_NETWORK:
+                raise _failure(f"looking up network {name}", exc) from None
+            try:
+                net = self._conn.networkDefineXML(xml)
+            except libvirt.libvirtError as exc2:
+                raise _failure(f"defining network {name}", exc2) from None
+            changed = True
+        try:
+            if not net.isActive():
+                net.create()
+                changed = True
+            if not net.autostart():
+                net.setAutostart(1)
+                changed = True
+        except libvirt.libvirtError as exc:
+            raise _failure(f"starting network {name}", exc) from None
+        return changed
+
+    def network_active(self, name: str) -> bool | None:
+        """True/False, or None if the network does not exist."""
+        try:
+            return bool(self._conn.networkLookupByName(name).isActive())
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+                return None
+            raise _failure(f"looking up network {name}", exc) from None
+
+    def pool_free_bytes(self, pool: str) -> int:
+        try:
+            p = self._pool(pool)
+            p.refresh(0)
+            return int(p.info()[3])
+        except libvirt.libvirtError as exc:
+            raise _failure(f"reading pool {pool}", exc) from None
+
+    def nwfilter_exists(self, name: str) -> bool:
+        try:
+            self._conn.nwfilterLookupByName(name)
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    def kvm_offered(self, arch: str = "x86_64") -> bool:
+        """Whether libvirt offers KVM for `arch`. Necessary, not sufficient: a paravirtual
+        /dev/kvm is offered but may not boot a stock kernel (see accel.choose)."""
+        try:
+            caps = self._conn.getDomainCapabilities(None, arch, None, "kvm", 0)
+        except libvirt.libvirtError:
+            return False
+        return ET.fromstring(caps).findtext("domain") == "kvm"
+
+
+@contextmanager
+def connect(uri: str, metadata_ns: str) -> Iterator[Hypervisor]:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise SystemFailure(
+            f"cannot connect to libvirt at {uri}: {exc.get_error_message()} "
+            "(is libvirtd running? `libvirt-executor doctor` checks the host)"
+        ) from None
+    try:
+        yield Hypervisor(conn, metadata_ns)
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass

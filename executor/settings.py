@@ -34,6 +34,7 @@ class LibvirtSettings:
     network: str = "libvirt-executor"
     bridge: str = "lvxbr0"
     subnet: str = "192.168.213.0/24"
+    nwfilter: str = "clean-traffic"  # pins each VM to its MAC and IP; "" disables
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ def _check(s: Settings, problems: list[str]) -> None:
     lv = s.libvirt
     if lv.accel not in ("auto", "kvm", "tcg"):
         problems.append(f"libvirt.accel: must be auto, kvm or tcg, got {lv.accel!r}")
-    for key, value in (("libvirt.pool", lv.pool), ("libvirt.network", lv.network)):
+    names = [("libvirt.pool", lv.pool), ("libvirt.network", lv.network)]
+    if lv.nwfilter:
+        names.append(("libvirt.nwfilter", lv.nwfilter))
+    for key, value in names:
         if not _NAME_RE.match(value):
             problems.append(f"{key}: {value!r} is not a valid libvirt object name")
     if not _BRIDGE_RE.match(lv.bridge):

@@ -92,3 +92,22 @@ def signals_deferred() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise SystemFailure if the block runs longer than `seconds` (SIGALRM; main thread only).
+
+    Bounds blocking library calls (a hung libvirtd) that have no timeout of their own.
+    """
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise SystemFailure(f"{what} did not finish within {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,187 @@
+"""Command line: thin click commands that parse, load and call `stages` / `admin`.
+
+Exit codes are never click's: `main` runs click with standalone_mode=False and maps every
+outcome through `errors.exit_code_for`, because click's 1 (ClickException/Abort) and 2
+(UsageError) are exactly gitlab-runner's build and system failure codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from executor import __version__, errors
+from executor.jobenv import Job, job_response_path, parse_job
+from executor.settings import Settings, config_path, load_settings
+
+log = logging.getLogger("executor")
+
+
+class _Context:
+    def __init__(self, config: str | None) -> None:
+        self.config_file = config_path(config, os.environ)
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_file)
+        return self._settings
+
+
+def _job() -> Job:
+    path = job_response_path(os.environ)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise errors.JobError(f"cannot read the job payload {path}: {exc.strerror}") from None
+    return parse_job(text)
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("libvirt-executor: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config",
+    metavar="PATH",
+    help="Config file (default: $LIBVIRT_EXECUTOR_CONFIG or /etc/libvirt-executor/config.toml).",
+)
+@click.option("--debug", is_flag=True, help="Log libvirt and SSH details to stderr.")
+@click.version_option(__version__, prog_name="libvirt-executor")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, debug: bool) -> None:
+    """GitLab Runner custom executor: every CI job in its own throwaway libvirt VM."""
+    setup_logging(debug)
+    ctx.obj = _Context(config)
+
+
+# --- the four stages gitlab-runner calls --------------------------------------------------
+
+
+@cli.command("config")
+@click.pass_obj
+def config_cmd(obj: _Context) -> None:
+    """config_exec: print the driver's JSON (only JSON) on stdout."""
+    from executor import stages
+
+    click.echo(json.dumps(stages.config_json(obj.settings, _job())))
+
+
+@cli.command("prepare")
+@click.pass_obj
+def prepare_cmd(obj: _Context) -> None:
+    """prepare_exec: create and boot the job's VM, wait for SSH and Docker."""
+    from executor import stages
+
+    stages.prepare(obj.settings, _job(), out=click.echo)
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("script", type=click.Path(dir_okay=False))
+@click.argument("stage")
+@click.pass_obj
+def run_cmd(obj: _Context, script: str, stage: str) -> None:
+    """run_exec: run SCRIPT (the runner's stage script) for STAGE inside the job's VM."""
+    from executor import stages
+
+    try:
+        stages.run(obj.settings, _job(), script, stage)
+    except errors.BuildFailure as exc:
+        errors.write_build_exit_code(exc.exit_status, os.environ)
+        raise
+
+
+@cli.command("cleanup")
+@click.pass_obj
+def cleanup_cmd(obj: _Context) -> None:
+    """cleanup_exec: destroy the job's VM and remove everything it used."""
+    from executor import stages
+
+    stages.cleanup(obj.settings, _job())
+
+
+# --- operator commands --------------------------------------------------------------------
+
+
+@cli.command("setup")
+@click.option(
+    "--example",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Template for a missing config file (default: the config.example.toml shipped with the source).",
+)
+@click.pass_obj
+def setup_cmd(obj: _Context, example: str | None) -> None:
+    """Create what the executor needs on this host (idempotent): config, directories,
+    storage pool, network."""
+    from executor import admin
+
+    changes = admin.setup_host(obj.config_file, example)
+    for line in changes:
+        click.echo(f"setup: {line}")
+    if not changes:
+        click.echo("setup: nothing to do, the host is already set up")
+
+
+@cli.group("image")
+def image_group() -> None:
+    """Base image commands."""
+
+
+@image_group.command("build")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="Output directory (default: image.dir from the config).")
+@click.option("--preload", type=click.Path(dir_okay=False, exists=True), multiple=True, help="Docker image tarball (docker save) to make available in every VM.")
+@click.option("--force", is_flag=True, help="Rebuild even if the recipe is unchanged.")
+@click.pass_obj
+def image_build_cmd(obj: _Context, output: str | None, preload: tuple[str, ...], force: bool) -> None:
+    """Build the base image with debootstrap (root only; a few minutes; cached)."""
+    from executor import imagebuild
+    from executor.settings import ImageSettings
+
+    if output is None:
+        try:
+            output = obj.settings.image.dir
+        except errors.ConfigError:
+            if Path(obj.config_file).exists():
+                raise
+            output = ImageSettings().dir
+    manifest = imagebuild.build_image(Path(output), [Path(p) for p in preload], force=force)
+    click.echo(f"image: {output} (recipe {str(manifest.get('recipe_hash', ''))[:12]})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and exit with a code gitlab-runner understands."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="libvirt-executor", standalone_mode=False)
+        code = 0
+    except click.exceptions.Exit as exc:  # --help, --version
+        code = exc.exit_code
+    except click.ClickException as exc:  # usage errors: our caller is misconfigured
+        exc.show()
+        code = errors.exit_code_for(errors.ConfigError(exc.format_message()), os.environ)
+    except click.exceptions.Abort:
+        code = errors.exit_code_for(errors.Interrupted("SIGINT"), os.environ)
+    except errors.BuildFailure as exc:
+        code = errors.exit_code_for(exc, os.environ)
+    except BaseException as exc:  # noqa: BLE001 - everything else is a system failure, by design
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            code = 0
+        else:
+            log.error("error: %s", errors.describe(exc))
+            log.debug("details", exc_info=True)
+            code = errors.exit_code_for(exc, os.environ)
+    sys.stdout.flush()
+    sys.exit(code)

@@ -1,0 +1,132 @@
+"""Fixtures for the vm tier: real libvirtd, qemu, the built base image, real SSH.
+
+The tests use their own name prefix and state directories, so they never touch VMs of a real
+runner on the same host; the pool, network and image are the ones `libvirt-executor setup`
+and `image build` made. A missing prerequisite fails the tests with the fix, never skips them.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from executor import naming
+from executor.hypervisor import connect
+from executor.jobstate import StateDir
+from executor.settings import config_path, load_settings
+
+LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
+
+
+def _host_config() -> str:
+    return config_path(None, os.environ)
+
+
+@pytest.fixture(scope="session")
+def host_settings():
+    path = _host_config()
+    if not os.path.exists(LIBVIRT_SOCKET):
+        pytest.fail(f"libvirtd is not running ({LIBVIRT_SOCKET} missing): run scripts/setup.sh", pytrace=False)
+    if not os.path.exists(path):
+        pytest.fail(f"no executor config at {path}: run scripts/setup.sh (or libvirt-executor setup)", pytrace=False)
+    settings = load_settings(path)
+    if not Path(settings.image.dir, "manifest.json").exists():
+        pytest.fail(f"no base image in {settings.image.dir}: run `libvirt-executor image build`", pytrace=False)
+    return settings
+
+
+def write_test_config(host_settings, directory: Path, prefix: str, **vm_overrides) -> Path:
+    """A config for tests: the host's pool/network/image, our own prefix and state dirs."""
+    s = host_settings
+    vm = {"vcpus": 1, "memory_mib": 1024, **vm_overrides}
+    text = f"""
+[libvirt]
+uri = "{s.libvirt.uri}"
+accel = "{s.libvirt.accel}"
+pool = "{s.libvirt.pool}"
+pool_path = "{s.libvirt.pool_path}"
+network = "{s.libvirt.network}"
+bridge = "{s.libvirt.bridge}"
+subnet = "{s.libvirt.subnet}"
+nwfilter = "{s.libvirt.nwfilter}"
+
+[image]
+dir = "{s.image.dir}"
+
+[vm]
+name_prefix = "{prefix}"
+vcpus = {vm["vcpus"]}
+memory_mib = {vm["memory_mib"]}
+
+[timeouts]
+boot = 300
+docker = 240
+cleanup = 60
+
+[paths]
+state_dir = "{directory / 'state'}"
+console_log_dir = "{directory / 'console'}"
+"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def leftovers():
+    """A function returning what a prefix still has on the host: must be empty after cleanup."""
+
+    def count(config: Path) -> dict[str, list[str]]:
+        s = load_settings(str(config))
+        prefix = s.vm.name_prefix + "-"
+        state = StateDir(s.paths.state_dir)
+        with connect(s.libvirt.uri, naming.METADATA_NS) as hv:
+            found = {
+                "domains": [d.name for d in hv.domains() if d.name.startswith(prefix)],
+                "volumes": [v for v in hv.volume_names(s.libvirt.pool) if v.startswith(prefix)],
+            }
+        found["ip_reservations"] = sorted(ip for ip, vm in state.reservations().items() if vm.startswith(prefix))
+        found["locks"] = [vm for vm in state.locked_vms() if vm.startswith(prefix)]
+        found["job_dirs"] = [vm for vm in state.job_dir_vms() if vm.startswith(prefix)]
+        console = Path(s.paths.console_log_dir)
+        found["console_logs"] = sorted(p.name for p in console.glob(prefix + "*")) if console.is_dir() else []
+        return {k: v for k, v in found.items() if v}
+
+    return count
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture(scope="session")
+def git_server(host_settings, tmp_path_factory):
+    """A small git repository served over dumb HTTP on the VM bridge address (the host)."""
+    root = tmp_path_factory.mktemp("gitsrv")
+    work = root / "work"
+    work.mkdir()
+    git = ["git", "-c", "user.name=demo", "-c", "user.email=demo@example.invalid", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text("hello from the demo repository\n")
+    (work / "check.sh").write_text("#!/bin/sh\necho repository-check-ok\n")
+    subprocess.run([*git, "-C", str(work), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "demo"], check=True)
+    bare = root / "demo.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    sha = subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer((str(host_settings.gateway), 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://{host_settings.gateway}:{server.server_address[1]}/demo.git", "sha": sha}
+    server.shutdown()

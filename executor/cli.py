@@ -161,6 +161,15 @@ def image_build_cmd(obj: _Context, output: str | None, preload: tuple[str, ...],
     click.echo(f"image: {output} (recipe {str(manifest.get('recipe_hash', ''))[:12]})")
 
 
+@cli.command("demo")
+@click.pass_obj
+def demo_cmd(obj: _Context) -> None:
+    """Run one demo job end to end (clone, docker run) in a fresh VM, as gitlab-runner would."""
+    from executor import demo
+
+    demo.run_demo(obj.settings, obj.config_file, say=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and exit with a code gitlab-runner understands."""
     args = sys.argv[1:] if argv is None else argv

@@ -1,0 +1,132 @@
+"""`libvirt-executor demo`: one job end to end, driven the way gitlab-runner drives it.
+
+It serves a small git repository from the host (dumb HTTP on the VM bridge address), then runs
+config, prepare, get_sources (clone), build_script (`docker version`, a container run) and
+cleanup as separate processes through the runner simulator, and finally checks that nothing of
+the job is left on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from executor import naming
+from executor.errors import SystemFailure
+from executor.hypervisor import connect
+from executor.jobstate import StateDir
+from executor.runnersim import RunnerSim, StageResult
+from executor.settings import Settings
+
+GET_SOURCES = """\
+export GIT_TERMINAL_PROMPT=0
+git init -q "$CI_PROJECT_DIR"
+cd "$CI_PROJECT_DIR"
+git remote add origin {url}
+git fetch -q origin '+refs/heads/*:refs/remotes/origin/*'
+git checkout -f -q {sha}
+echo "Checked out $(git log -1 --format='%h %s')"
+"""
+
+BUILD_SCRIPT = """\
+cd "$CI_PROJECT_DIR"
+cat README
+echo "--- docker version ---"
+docker version --format 'client {{.Client.Version}}, server {{.Server.Version}}'
+echo "--- a container, from a locally imported image (no registry needed) ---"
+mkdir -p /tmp/rootfs/bin && cp /bin/busybox /tmp/rootfs/bin/ && ln -sf busybox /tmp/rootfs/bin/sh
+tar -C /tmp/rootfs -c . | docker import - demo/busybox:latest >/dev/null
+docker run --rm demo/busybox:latest /bin/sh -c 'echo "hello from container $(hostname) in VM"'
+"""
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _make_repository(root: Path) -> str:
+    work, bare = root / "work", root / "demo.git"
+    git = ["git", "-c", "user.name=demo", "-c", "user.email=demo@example.invalid", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text("This repository was cloned inside a throwaway VM.\n")
+    subprocess.run([*git, "-C", str(work), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "demo commit"], check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    return subprocess.run(
+        ["git", "-C", str(work), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def leftovers(settings: Settings, vm: str) -> dict[str, list[str]]:
+    """Everything of `vm` still on the host: domain, volumes, IP reservation, lock, key, log."""
+    state = StateDir(settings.paths.state_dir)
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+        found = {
+            "domain": [vm] if hv.domain(vm) else [],
+            "volumes": [v for v in hv.volume_names(settings.libvirt.pool) if naming.vm_of_volume(settings.vm.name_prefix, v) == vm],
+        }
+    found["ip reservation"] = [ip for ip, owner in state.reservations().items() if owner == vm]
+    found["lock"] = [v for v in state.locked_vms() if v == vm]
+    found["key"] = [v for v in state.job_dir_vms() if v == vm]
+    console = Path(settings.paths.console_log_dir) / f"{vm}.console.log"
+    found["console log"] = [console.name] if console.exists() else []
+    return {k: v for k, v in found.items() if v}
+
+
+def run_demo(settings: Settings, config_file: str, say: Callable[[str], None] = print) -> None:
+    job_id = 900_000_000 + (int(time.time()) % 1_000_000) * 10 + os.getpid() % 10
+    vm = naming.vm_name(settings.vm.name_prefix, job_id)
+    with tempfile.TemporaryDirectory(prefix="lvx-demo-") as tmp:
+        root = Path(tmp)
+        sha = _make_repository(root / "git")
+        handler = functools.partial(_QuietHandler, directory=str(root / "git"))
+        server = http.server.ThreadingHTTPServer((str(settings.gateway), 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://{settings.gateway}:{server.server_address[1]}/demo.git"
+        sim = RunnerSim(
+            config_file,
+            root / "runner",
+            job_id,
+            variables={"CI_PROJECT_DIR": "/builds/demo/project", "CI_BUILDS_DIR": "/builds"},
+        )
+        started = time.monotonic()
+        results: list[StageResult] = []
+
+        def stage(title: str, result: StageResult) -> StageResult:
+            results.append(result)
+            say(f"--- {title}: exit {result.rc} ({result.seconds:.1f}s)")
+            for line in (result.stdout + result.stderr).splitlines():
+                say(f"    {line}")
+            return result
+
+        try:
+            config = stage("config", sim.config())
+            if config.rc == 0:
+                say(f"    (driver: {json.loads(config.stdout)['driver']})")
+            prepared = stage("prepare", sim.prepare()) if config.rc == 0 else None
+            if prepared and prepared.rc == 0:
+                stage("get_sources", sim.run(GET_SOURCES.format(url=url, sha=sha), "get_sources"))
+                if results[-1].rc == 0:
+                    stage("build_script", sim.run(BUILD_SCRIPT, "build_script"))
+        finally:
+            stage("cleanup", sim.cleanup())
+            server.shutdown()
+        left = leftovers(settings, vm)
+        say(f"--- job {job_id} took {time.monotonic() - started:.1f}s in all")
+        if left:
+            raise SystemFailure(f"demo: cleanup left {left} behind")
+        say(f"--- nothing of {vm} is left on the host (domain, volumes, IP, lock, key, console log)")
+        failed = [r for r in results if r.rc != 0]
+        if failed:
+            raise SystemFailure(f"demo job failed at `{' '.join(failed[0].argv[-2:])}` (exit {failed[0].rc})")
+        say("--- demo job succeeded")

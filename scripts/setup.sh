@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Set up this host for libvirt-executor and run one demo job in a fresh VM.
+#   scripts/setup.sh            everything, then the demo job
+#   scripts/setup.sh --no-demo  everything but the demo (used by scripts/test.sh)
+# Idempotent: a second run installs nothing, rebuilds nothing, and only runs the demo again.
+# Needs root on Debian 12. Works with or without systemd.
+set -euo pipefail
+
+demo=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-demo) demo=0 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+say() { printf '==> %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh: must run as root (it installs packages and configures libvirt)" >&2
+  exit 1
+fi
+
+# Host packages: libvirt + QEMU, headers for libvirt-python, the image builder's tools.
+packages=(
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc
+  qemu-system-x86 qemu-utils dnsmasq-base iptables
+  debootstrap e2fsprogs git
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  say "Debian packages already installed"
+fi
+
+# libvirt daemons: the service manager where there is one, by hand where there is none.
+if [ -d /run/systemd/system ]; then
+  systemctl enable --now virtlogd.socket libvirtd.socket >/dev/null 2>&1 || systemctl start libvirtd
+else
+  if ! [ -S /var/run/libvirt/virtlogd-sock ]; then say "starting virtlogd"; virtlogd -d; fi
+  if ! [ -S /var/run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
+    say "starting libvirtd"
+    rm -f /var/run/libvirtd.pid
+    libvirtd -d
+  fi
+fi
+for _ in $(seq 1 50); do [ -S /var/run/libvirt/libvirt-sock ] && break; sleep 0.2; done
+[ -S /var/run/libvirt/libvirt-sock ] || { echo "setup.sh: libvirtd did not start" >&2; exit 1; }
+
+# The Python package, in a venv inside the checkout; the command on PATH for gitlab-runner.
+python=${PYTHON:-python3}
+if ! [ -x .venv/bin/python ]; then
+  say "creating the Python venv (.venv)"
+  "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c "import executor, libvirt, paramiko, pycdlib, pytest" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  say "installing libvirt-executor and its dependencies"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[test]"
+  touch .venv/.installed
+fi
+ln -sf "$repo/.venv/bin/libvirt-executor" /usr/local/bin/libvirt-executor
+
+say "libvirt-executor setup"
+libvirt-executor setup
+say "libvirt-executor image build (cached: only rebuilds when images/ changes)"
+libvirt-executor image build
+
+if [ "$demo" = 1 ]; then
+  say "demo job"
+  libvirt-executor demo
+fi

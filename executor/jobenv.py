@@ -39,12 +39,13 @@ def _safe_text(value: Any, limit: int = 200) -> str:
 
 
 def _positive_int(value: Any) -> int | None:
+    """A positive integer of at most 18 digits (what naming.job_id_of recognises), else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < len(value) <= 18:
+        value = int(value)
+    if isinstance(value, int) and 0 < value < 10**18:
         return value
-    if isinstance(value, str) and value.isdigit() and 0 < len(value) <= 18:
-        return int(value)
     return None
 
 

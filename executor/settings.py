@@ -8,6 +8,7 @@ default. Pure: `parse_settings` takes text; only `load_settings` reads a file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -175,8 +176,8 @@ def _check(s: Settings, problems: list[str]) -> None:
         problems.append(f"vm.user: {vm.user!r} must be a valid non-root user name")
     for f in fields(TimeoutSettings):
         value = getattr(s.timeouts, f.name)
-        if value <= 0:
-            problems.append(f"timeouts.{f.name}: must be positive, got {value}")
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"timeouts.{f.name}: must be positive and finite, got {value}")
     for key, urls in (
         ("docker.registry_mirrors", s.docker.registry_mirrors),
     ):

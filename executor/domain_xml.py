@@ -208,7 +208,7 @@ def build_nat_network(name: str, bridge: str, gateway: str, netmask: str) -> str
 
 
 def _int_or_none(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() else None
+    return int(text) if text and text.isascii() and text.isdigit() else None
 
 
 def parse_job_record(xml_text: str) -> JobRecord | None:

@@ -163,9 +163,12 @@ class StateDir:
         return self.jobs / vm
 
     def write_client_key(self, vm: str, private_key: str) -> None:
+        self.ensure()  # mkdir(parents=True) alone would make the state dirs 0755
         d = self.job_dir(vm)
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
         fd = os.open(d / CLIENT_KEY, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
         with os.fdopen(fd, "w") as f:
             f.write(private_key)
 

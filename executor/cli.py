@@ -161,6 +161,62 @@ def image_build_cmd(obj: _Context, output: str | None, preload: tuple[str, ...],
     click.echo(f"image: {output} (recipe {str(manifest.get('recipe_hash', ''))[:12]})")
 
 
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts instead of a table.")
+@click.pass_obj
+def list_cmd(obj: _Context, as_json: bool) -> None:
+    """Every VM of this executor (name, job, project, state, IP, age, expiry, accelerator),
+    plus volumes, keys, locks and IP reservations left without a VM."""
+    from executor import admin
+
+    listing = admin.list_vms(obj.settings)
+    click.echo(admin.format_json(listing) if as_json else admin.format_table(listing))
+
+
+@cli.command("reap")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
+@click.option("--older-than", metavar="DURATION", default=None,
+              help="Also remove VMs created at least this long ago (e.g. 90m, 6h, 2d), expired or not.")
+@click.pass_obj
+def reap_cmd(obj: _Context, dry_run: bool, older_than: str | None) -> None:
+    """Remove VMs past their expiry and every orphaned volume, seed, key, lock and IP
+    reservation. Never touches a VM a stage is working on, or anything not ours.
+    Safe to run every minute from cron or a timer."""
+    from executor import admin, reaping
+
+    seconds = None
+    if older_than is not None:
+        try:
+            seconds = reaping.parse_duration(older_than)
+        except ValueError as exc:
+            raise errors.ConfigError(f"--older-than: {exc}") from None
+    result = admin.reap(obj.settings, dry_run=dry_run, older_than=seconds)
+    for line in result.actions:
+        click.echo(f"reap: {line}")
+    for line in result.skipped:
+        click.echo(f"reap: skipped {line}")
+    if not result.actions and not result.failures:
+        click.echo("reap: nothing to do")
+    if result.failures:
+        raise errors.SystemFailure("reap: could not remove " + "; ".join(result.failures))
+    if result.interrupted:
+        raise errors.Interrupted()
+
+
+@cli.command("doctor")
+@click.option("--boot", is_flag=True, help="Also boot one probe VM end to end (SSH and dockerd), then remove it.")
+@click.pass_obj
+def doctor_cmd(obj: _Context, boot: bool) -> None:
+    """Check the host: config, libvirt, accelerator, pool, disk space, network, base image,
+    mirror. One line per check with the fix; exits non-zero if anything is broken."""
+    from executor import admin
+
+    checks = admin.doctor(obj.config_file, boot=boot, out=lambda check: click.echo(check.line()))
+    failed = [c.name for c in checks if c.ok is False]
+    if failed:
+        raise errors.ConfigError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
+
+
 @cli.command("demo")
 @click.pass_obj
 def demo_cmd(obj: _Context) -> None:

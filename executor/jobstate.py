@@ -149,6 +149,21 @@ class StateDir:
                 continue
         return result
 
+    def release_unowned_ips(self) -> list[str]:
+        """Remove reservations naming no VM. `allocate_ip` creates the file and then writes the
+        owner, so a prepare SIGKILLed in between leaves an empty one that no cleanup can match;
+        under the allocation lock no allocation is half-way, so an empty one is debris."""
+        if not self.leases.is_dir():
+            return []
+        released = []
+        with open(self.root / "alloc.lock", "a") as alloc:
+            fcntl.flock(alloc, fcntl.LOCK_EX)
+            for ip, owner in self.reservations().items():
+                if not owner:
+                    _unlink(self.leases / ip)
+                    released.append(ip)
+        return sorted(released)
+
     def release_ip(self, vm: str) -> list[str]:
         released = []
         for ip, owner in self.reservations().items():

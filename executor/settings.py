@@ -149,6 +149,8 @@ def _check(s: Settings, problems: list[str]) -> None:
         net = ipaddress.IPv4Network(lv.subnet)
         if net.prefixlen > 28:
             problems.append(f"libvirt.subnet: {lv.subnet} is too small (need at most /28)")
+        elif net.prefixlen < 16:  # every allocation walks the address list
+            problems.append(f"libvirt.subnet: {lv.subnet} is too large (use /16 to /28)")
     except ValueError as exc:
         problems.append(f"libvirt.subnet: {exc}")
     for key, value in (

@@ -324,7 +324,7 @@ def _reap_one(
         except (ExecutorError, OSError) as exc:
             result.failures.append(f"{vm}: {exc}")
             return
-        done = ", ".join(removed + ["lock released"])
+        done = ", ".join(removed + ["lock file removed"])
         result.actions.append(f"removed {_describe_target(current, now)}: {done}")
 
 

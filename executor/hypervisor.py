@@ -8,6 +8,7 @@ cleanup and reap need to treat as success, which are narrowed here by error code
 from __future__ import annotations
 
 import logging
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,10 +174,20 @@ class Hypervisor:
             raise ConfigError(f"storage pool {pool!r} is not active (run `libvirt-executor setup`)")
         return p
 
+    def _refresh(self, p: libvirt.virStoragePool) -> None:
+        """Rescan the pool's directory. libvirt refuses while a volume is being built there
+        ("has asynchronous jobs running": another job's prepare is creating its overlay); its
+        own list is current for volumes it creates and deletes, so go on without the rescan."""
+        try:
+            p.refresh(0)
+        except libvirt.libvirtError as exc:
+            if "asynchronous jobs" not in (exc.get_error_message() or ""):
+                raise
+
     def volume_names(self, pool: str) -> list[str]:
         p = self._pool(pool)
         try:
-            p.refresh(0)
+            self._refresh(p)
             return sorted(p.listVolumes())
         except libvirt.libvirtError as exc:
             raise _failure(f"listing volumes of pool {pool}", exc) from None
@@ -210,20 +221,27 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _failure(f"uploading volume {name}", exc) from None
 
-    def delete_volume(self, pool: str, name: str) -> bool:
-        try:
-            vol = self._pool(pool).storageVolLookupByName(name)
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return False
-            raise _failure(f"looking up volume {name}", exc) from None
-        try:
-            vol.delete(0)
-            return True
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return False
-            raise _failure(f"deleting volume {name}", exc) from None
+    def delete_volume(self, pool: str, name: str, building_wait: float = 30.0) -> bool:
+        """Delete a volume; False if it is not there. A volume whose creation a killed prepare
+        left running in libvirtd ("still being allocated") is waited for, up to `building_wait`."""
+        deadline = time.monotonic() + building_wait
+        while True:
+            try:
+                vol = self._pool(pool).storageVolLookupByName(name)
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    return False
+                raise _failure(f"looking up volume {name}", exc) from None
+            try:
+                vol.delete(0)
+                return True
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    return False
+                if "still being allocated" in (exc.get_error_message() or "") and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise _failure(f"deleting volume {name}", exc) from None
 
     # --- host set-up and checks ------------------------------------------------------------
 
@@ -287,7 +305,7 @@ class Hypervisor:
     def pool_free_bytes(self, pool: str) -> int:
         try:
             p = self._pool(pool)
-            p.refresh(0)
+            self._refresh(p)
             return int(p.info()[3])
         except libvirt.libvirtError as exc:
             raise _failure(f"reading pool {pool}", exc) from None

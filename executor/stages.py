@@ -190,6 +190,7 @@ def _create_vm(
     seed_volume = naming.seed_volume_name(vm)
     seed_path = hv.create_volume(pool, build_raw_volume(seed_volume, len(seed)))
     hv.upload_volume(pool, seed_volume, seed)
+    log.debug("%s: seed written in %.1fs", vm, time.monotonic() - timings.start)
 
     capacity = max(settings.vm.disk_gib * GIB, image.virtual_bytes)
     overlay_path = hv.create_volume(
@@ -231,8 +232,10 @@ def _create_vm(
         domain_type=choice.domain_type,
         nwfilter=settings.libvirt.nwfilter,
     )
+    timings.mark("defining")
     hv.define_and_start(build_domain(spec))
     timings.mark("started")
+    log.debug("%s: domain defined and started in %.1fs", vm, timings.between("defining", "started"))
     return ip
 
 
@@ -254,6 +257,7 @@ def _wait_for_ssh(
         try:
             return GuestSSH.connect(ip, settings.vm.user, key, record.host_key, settings.timeouts.ssh_connect)
         except SSHNotReady as exc:
+            log.debug("%s", exc)
             last_error[:] = [str(exc)]
             return None
 
@@ -271,7 +275,12 @@ def _wait_for_docker(hv: Hypervisor, settings: Settings, vm: str, ssh: GuestSSH,
     def attempt() -> bool:
         if not _vm_alive(hv, vm):
             raise SystemFailure(f"{vm} stopped while dockerd was starting")
-        return ssh.capture("docker version --format '{{.Server.Version}}'", timeout=15).succeeded
+        try:
+            # The docker CLI can hang on a socket whose daemon is still starting: bound each try.
+            return ssh.capture("timeout 10 docker version --format '{{.Server.Version}}'", timeout=15).succeeded
+        except SystemFailure as exc:
+            log.debug("dockerd in %s not ready: %s", vm, exc)
+            return False
 
     wait_until(attempt, settings.timeouts.docker, f"dockerd in {vm}", interval=0.3, max_interval=1.0)
     timings.mark("docker")

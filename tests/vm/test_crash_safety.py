@@ -137,7 +137,7 @@ def executor(config: Path, *args: str, timeout: float = 300) -> subprocess.Compl
 class KillPoint:
     name: str
     reached: Callable[[Settings, str, float], bool]  # (settings, vm, seconds since start)
-    deadline: float = 60.0
+    deadline: float = 300.0  # a loaded libvirtd can take minutes to define a domain
     busy: bool = True  # poll without sleeping
 
 
@@ -180,7 +180,7 @@ EVENT_POINTS = [
     KillPoint("overlay created, before define", _exists(lambda s, vm: Path(s.libvirt.pool_path) / naming.overlay_volume_name(vm))),
     KillPoint("domain defined", _exists(lambda s, vm: QEMU_CONFIG_DIR / f"{vm}.xml")),
     KillPoint("domain started", _exists(_console)),
-    KillPoint("guest kernel printing", lambda s, vm, t: _console(s, vm).exists() and _console(s, vm).stat().st_size > 0, 120),
+    KillPoint("guest kernel printing", lambda s, vm, t: _console(s, vm).exists() and _console(s, vm).stat().st_size > 0, 400),
 ]
 TIME_POINTS = [after(t) for t in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0)]
 

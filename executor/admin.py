@@ -140,6 +140,27 @@ def inventory(
     )
 
 
+
+def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]:
+    """Everything of this prefix (or of one VM) still on the host, per resource class, counted
+    from the raw inventory rather than the reaper's rules. Empty means nothing is left."""
+    inv = inventory(settings)
+    if vm is None:
+        def mine(name: str) -> bool:
+            return reaping.is_our_name(inv.prefix, name)
+    else:
+        def mine(name: str) -> bool:
+            return name == vm
+    found = {
+        "domains": [d.name for d in inv.domains if mine(d.name)],
+        "volumes": [v for v in inv.volumes if mine(naming.vm_of_volume(inv.prefix, v) or "")],
+        "ip_reservations": [ip for ip, owner in inv.reservations.items() if mine(owner)],
+        "locks": [v for v in inv.lock_files if mine(v)],
+        "job_dirs": [v for v in inv.job_dirs if mine(v)],
+        "console_logs": [v for v in inv.console_logs if mine(v)],
+    }
+    return {k: sorted(v) for k, v in found.items() if v}
+
 # --- list -----------------------------------------------------------------------------------
 
 

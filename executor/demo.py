@@ -19,10 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from executor import naming
+from executor import admin, naming
 from executor.errors import SystemFailure
-from executor.hypervisor import connect
-from executor.jobstate import StateDir
 from executor.runnersim import RunnerSim, StageResult
 from executor.settings import Settings
 
@@ -67,22 +65,6 @@ def _make_repository(root: Path) -> str:
     ).stdout.strip()
 
 
-def leftovers(settings: Settings, vm: str) -> dict[str, list[str]]:
-    """Everything of `vm` still on the host: domain, volumes, IP reservation, lock, key, log."""
-    state = StateDir(settings.paths.state_dir)
-    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
-        found = {
-            "domain": [vm] if hv.domain(vm) else [],
-            "volumes": [v for v in hv.volume_names(settings.libvirt.pool) if naming.vm_of_volume(settings.vm.name_prefix, v) == vm],
-        }
-    found["ip reservation"] = [ip for ip, owner in state.reservations().items() if owner == vm]
-    found["lock"] = [v for v in state.locked_vms() if v == vm]
-    found["key"] = [v for v in state.job_dir_vms() if v == vm]
-    console = Path(settings.paths.console_log_dir) / f"{vm}.console.log"
-    found["console log"] = [console.name] if console.exists() else []
-    return {k: v for k, v in found.items() if v}
-
-
 def run_demo(settings: Settings, config_file: str, say: Callable[[str], None] = print) -> None:
     job_id = 900_000_000 + (int(time.time()) % 1_000_000) * 10 + os.getpid() % 10
     vm = naming.vm_name(settings.vm.name_prefix, job_id)
@@ -121,7 +103,7 @@ def run_demo(settings: Settings, config_file: str, say: Callable[[str], None] = 
         finally:
             stage("cleanup", sim.cleanup())
             server.shutdown()
-        left = leftovers(settings, vm)
+        left = admin.leftovers(settings, vm)
         say(f"--- job {job_id} took {time.monotonic() - started:.1f}s in all")
         if left:
             raise SystemFailure(f"demo: cleanup left {left} behind")

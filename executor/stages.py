@@ -144,6 +144,7 @@ def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) ->
                 try:
                     with time_limit(settings.timeouts.cleanup, "rollback"):
                         teardown(hv, settings, state, vm)
+                        state.remove_lock_file(vm)  # still held: nothing of the job is left
                 except Exception as cleanup_exc:  # the original error matters more
                     log.warning("rollback of %s incomplete: %s", vm, cleanup_exc)
             raise
@@ -399,6 +400,7 @@ def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> li
     steps: list[tuple[str, Callable[[], object]]] = [
         ("domain destroyed", lambda: hv.destroy(vm)),
         ("domain undefined", lambda: hv.undefine(vm)),
+        ("domain removed after a late start", lambda: _remove_late_domain(hv, vm)),
         ("overlay deleted", lambda: hv.delete_volume(settings.libvirt.pool, naming.overlay_volume_name(vm))),
         ("seed deleted", lambda: hv.delete_volume(settings.libvirt.pool, naming.seed_volume_name(vm))),
         ("IP released", lambda: state.release_ip(vm)),
@@ -414,6 +416,19 @@ def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> li
     if failures:
         raise SystemFailure(f"cleanup of {vm} incomplete: " + "; ".join(failures))
     return removed
+
+
+def _remove_late_domain(hv: Hypervisor, vm: str) -> bool:
+    """A killed prepare's start request can still complete inside libvirtd after our destroy;
+    undefining a running domain only makes it transient, so look again and finish the job."""
+    for _ in range(3):
+        if hv.domain(vm) is None:
+            return False
+        hv.destroy(vm)
+        hv.undefine(vm)
+    if hv.domain(vm) is not None:
+        raise SystemFailure(f"domain {vm} keeps coming back after destroy")
+    return True
 
 
 def _remove_file(path: Path) -> bool:

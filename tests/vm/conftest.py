@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from executor import naming
-from executor.hypervisor import connect
-from executor.jobstate import StateDir
+from executor import admin
 from executor.settings import config_path, load_settings
 
 LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
@@ -41,10 +39,10 @@ def host_settings():
     return settings
 
 
-def write_test_config(host_settings, directory: Path, prefix: str, **vm_overrides) -> Path:
-    """A config for tests: the host's pool/network/image, our own prefix and state dirs."""
+def write_test_config(host_settings, directory: Path, prefix: str, expiry_margin: int = 1800) -> Path:
+    """A config for tests: the host's pool, network, image and state dir (IP reservations must
+    be shared by everything on one network), our own name prefix and console-log dir."""
     s = host_settings
-    vm = {"vcpus": 1, "memory_mib": 1024, **vm_overrides}
     text = f"""
 [libvirt]
 uri = "{s.libvirt.uri}"
@@ -61,16 +59,17 @@ dir = "{s.image.dir}"
 
 [vm]
 name_prefix = "{prefix}"
-vcpus = {vm["vcpus"]}
-memory_mib = {vm["memory_mib"]}
+vcpus = 1
+memory_mib = 1024
 
 [timeouts]
 boot = 300
 docker = 240
 cleanup = 60
+expiry_margin = {expiry_margin}
 
 [paths]
-state_dir = "{directory / 'state'}"
+state_dir = "{s.paths.state_dir}"
 console_log_dir = "{directory / 'console'}"
 """
     directory.mkdir(parents=True, exist_ok=True)
@@ -81,25 +80,8 @@ console_log_dir = "{directory / 'console'}"
 
 @pytest.fixture(scope="session")
 def leftovers():
-    """A function returning what a prefix still has on the host: must be empty after cleanup."""
-
-    def count(config: Path) -> dict[str, list[str]]:
-        s = load_settings(str(config))
-        prefix = s.vm.name_prefix + "-"
-        state = StateDir(s.paths.state_dir)
-        with connect(s.libvirt.uri, naming.METADATA_NS) as hv:
-            found = {
-                "domains": [d.name for d in hv.domains() if d.name.startswith(prefix)],
-                "volumes": [v for v in hv.volume_names(s.libvirt.pool) if v.startswith(prefix)],
-            }
-        found["ip_reservations"] = sorted(ip for ip, vm in state.reservations().items() if vm.startswith(prefix))
-        found["locks"] = [vm for vm in state.locked_vms() if vm.startswith(prefix)]
-        found["job_dirs"] = [vm for vm in state.job_dir_vms() if vm.startswith(prefix)]
-        console = Path(s.paths.console_log_dir)
-        found["console_logs"] = sorted(p.name for p in console.glob(prefix + "*")) if console.is_dir() else []
-        return {k: v for k, v in found.items() if v}
-
-    return count
+    """A function returning what a test config's prefix still has on the host (empty: nothing)."""
+    return lambda config: admin.leftovers(load_settings(str(config)))
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -27,7 +27,9 @@ import pytest
 from executor import admin, naming
 from executor.domain_xml import build_raw_volume, parse_job_record
 from executor.hypervisor import connect
+from executor.jobstate import StateDir
 from executor.settings import Settings, load_settings
+from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim, kill_group
 
 pytestmark = pytest.mark.vm
@@ -39,48 +41,11 @@ QEMU_CONFIG_DIR = Path("/etc/libvirt/qemu")  # where qemu:///system keeps persis
 RESULTS: list[str] = []
 
 
-def write_crash_config(s: Settings, directory: Path) -> Path:
-    """The host's pool/network/image with our own prefix, state and console dirs, small VMs."""
-    directory.mkdir(parents=True, exist_ok=True)
-    text = f"""
-[libvirt]
-uri = "{s.libvirt.uri}"
-accel = "{s.libvirt.accel}"
-pool = "{s.libvirt.pool}"
-pool_path = "{s.libvirt.pool_path}"
-network = "{s.libvirt.network}"
-bridge = "{s.libvirt.bridge}"
-subnet = "{s.libvirt.subnet}"
-nwfilter = "{s.libvirt.nwfilter}"
-
-[image]
-dir = "{s.image.dir}"
-
-[vm]
-name_prefix = "{PREFIX}"
-vcpus = 1
-memory_mib = 1024
-
-[timeouts]
-boot = 300
-docker = 240
-cleanup = 60
-expiry_margin = 60
-
-[paths]
-state_dir = "{directory / 'state'}"
-console_log_dir = "{directory / 'console'}"
-"""
-    path = directory / "config.toml"
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture(scope="module")
 def crash(host_settings, tmp_path_factory):
     """(config path, settings) for this module; starts and ends with nothing of ours on the host."""
     directory = tmp_path_factory.mktemp("crash")
-    config = write_crash_config(host_settings, directory)
+    config = write_test_config(host_settings, directory, PREFIX, expiry_margin=60)
     settings = load_settings(str(config))
     # Debris of an earlier, interrupted run of this module (other state dir, same prefix).
     admin.reap(settings, older_than=0)
@@ -106,21 +71,10 @@ def qemu_processes(vm_prefix: str) -> list[int]:
 
 
 def leftovers(settings: Settings) -> dict:
-    """Everything of our prefix still on the host, per resource class (empty: nothing leaked).
-    Counted from the raw inventory, not through the reaper's own rules, so a selection bug
-    cannot hide a leak. The state directory is private to this module: all of it counts."""
-    inv = admin.inventory(settings)
-    p = settings.vm.name_prefix + "-"
-    found = {
-        "domains": sorted(d.name for d in inv.domains if d.name.startswith(p)),
-        "volumes": sorted(v for v in inv.volumes if v.startswith(p)),
-        "ip_reservations": dict(inv.reservations),
-        "locks": list(inv.lock_files),
-        "job_dirs": list(inv.job_dirs),
-        "console_logs": list(inv.console_logs),
-        "qemu_processes": qemu_processes(p),
-    }
-    return {k: v for k, v in found.items() if v}
+    """Everything of our prefix still on the host, qemu processes included (empty: no leak)."""
+    found = admin.leftovers(settings)
+    qemu = qemu_processes(settings.vm.name_prefix + "-")
+    return {**found, "qemu_processes": qemu} if qemu else found
 
 
 def executor(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -150,8 +104,8 @@ def _exists(path_of: Callable[[Settings, str], Path]) -> Callable[[Settings, str
 
 
 def _leases(s: Settings, vm: str, t: float) -> bool:
-    d = Path(s.paths.state_dir) / "leases"
-    return d.is_dir() and any(d.iterdir())
+    # "" is a reservation created but not yet written: the earliest moment it exists.
+    return any(owner in (vm, "") for owner in StateDir(s.paths.state_dir).reservations().values())
 
 
 def _console(s: Settings, vm: str) -> Path:
@@ -159,8 +113,7 @@ def _console(s: Settings, vm: str) -> Path:
 
 
 def _ssh_port_open(s: Settings, vm: str, t: float) -> bool:
-    leases = Path(s.paths.state_dir) / "leases"
-    ips = [p.name for p in leases.iterdir() if p.read_text().strip() == vm] if leases.is_dir() else []
+    ips = [ip for ip, owner in StateDir(s.paths.state_dir).reservations().items() if owner == vm]
     if not ips or not _console(s, vm).exists():
         return False
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -260,15 +260,9 @@ class Hypervisor:
                 raise _failure(f"defining pool {name}", exc2) from None
             changed = True
         try:
-            if not p.isActive():
-                p.create(0)
-                changed = True
-            if not p.autostart():
-                p.setAutostart(1)
-                changed = True
+            return _start_with_autostart(p, lambda: p.create(0)) or changed
         except libvirt.libvirtError as exc:
             raise _failure(f"starting pool {name}", exc) from None
-        return changed
 
     def ensure_network(self, name: str, xml: str) -> bool:
         changed = False
@@ -283,15 +277,9 @@ class Hypervisor:
                 raise _failure(f"defining network {name}", exc2) from None
             changed = True
         try:
-            if not net.isActive():
-                net.create()
-                changed = True
-            if not net.autostart():
-                net.setAutostart(1)
-                changed = True
+            return _start_with_autostart(net, net.create) or changed
         except libvirt.libvirtError as exc:
             raise _failure(f"starting network {name}", exc) from None
-        return changed
 
     def network_active(self, name: str) -> bool | None:
         """True/False, or None if the network does not exist."""
@@ -325,6 +313,18 @@ class Hypervisor:
         except libvirt.libvirtError:
             return False
         return ET.fromstring(caps).findtext("domain") == "kvm"
+
+
+def _start_with_autostart(obj: libvirt.virStoragePool | libvirt.virNetwork, start: Callable[[], object]) -> bool:
+    """Start a pool or network if inactive and mark it autostart; True if anything changed."""
+    changed = False
+    if not obj.isActive():
+        start()
+        changed = True
+    if not obj.autostart():
+        obj.setAutostart(1)
+        changed = True
+    return changed
 
 
 @contextmanager

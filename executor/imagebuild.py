@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from executor.errors import ConfigError
+from executor.keys import generate_ed25519
 
 log = logging.getLogger("executor.imagebuild")
 
@@ -53,6 +54,14 @@ CMDLINE = (
 )
 INITRD_MODULES = ("virtio_pci", "virtio_blk")
 PRELOAD_DIR_IN_IMAGE = "var/lib/lvx/preload"
+# Variant "baseline" (benchmarks/boot_bench.py only, never used for jobs): the same packages plus
+# systemd-sysv, booted the stock Debian way (systemd, DHCP, Debian's initramfs-tools initrd).
+# Recipe: images/baseline/ and images/packages.txt; it is excluded from the real image's hash.
+VARIANTS = ("default", "baseline")
+BASELINE_SUBDIR = "baseline"
+BASELINE_OUTPUT = Path("/var/lib/libvirt-executor/bench-baseline")
+BASELINE_CMDLINE = "root=/dev/vda rw console=ttyS0 apparmor=0"
+BENCH_CLIENT_KEY = "bench_client_key"  # beside the baseline image, 0600; authorized for JOB_USER
 REQUIRED_TOOLS = {"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "qemu-img": "qemu-utils", "chroot": "coreutils"}
 
 
@@ -81,11 +90,25 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def recipe_hash(recipe_dir: Path, preloads: Iterable[Path] = ()) -> str:
-    """Hash of every file under the recipe dir (path, mode's exec bit, content) plus preloads."""
+def _in_variant(rel: str, variant: str) -> bool:
+    """Whether a recipe file (path relative to the recipe dir) belongs to ``variant``'s recipe."""
+    in_baseline = rel.startswith(BASELINE_SUBDIR + "/")
+    if variant == "baseline":
+        return in_baseline or rel == "packages.txt"
+    return not in_baseline
+
+
+def recipe_hash(recipe_dir: Path, preloads: Iterable[Path] = (), *, variant: str = "default") -> str:
+    """Hash of every file of the variant's recipe (path, mode's exec bit, content) plus preloads.
+    The default variant's hash ignores ``baseline/``, so the benchmark's baseline recipe never
+    invalidates the real image."""
     h = hashlib.sha256(f"lvx-image-format-{MANIFEST_FORMAT}\n".encode())
+    if variant != "default":
+        h.update(f"variant {variant}\n".encode())
     for path in sorted(p for p in recipe_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         rel = path.relative_to(recipe_dir).as_posix()
+        if not _in_variant(rel, variant):
+            continue
         h.update(f"file {rel} {int(os.access(path, os.X_OK))} {_sha256_file(path)}\n".encode())
     for p in preloads:
         h.update(f"preload {_sha256_file(p)}\n".encode())
@@ -243,7 +266,8 @@ def _read_manifest(output_dir: Path) -> dict | None:
         return None
     if not isinstance(manifest, dict):
         return None
-    for key in ("disk", "kernel", "initrd"):
+    keys = ("disk", "kernel", "initrd") + (("client_key",) if manifest.get("variant") == "baseline" else ())
+    for key in keys:
         if not isinstance(manifest.get(key), str) or not (output_dir / manifest[key]).is_file():
             return None
     return manifest
@@ -276,21 +300,31 @@ def build_image(
     *,
     recipe_dir: Path | None = None,
     mirror: str | None = None,
+    variant: str = "default",
 ) -> dict:
-    """Build (or reuse) the base image in ``output_dir`` and return its manifest."""
+    """Build (or reuse) the base image in ``output_dir`` and return its manifest.
+
+    ``variant="baseline"`` builds the boot benchmark's stock-Debian baseline instead (see
+    ``BASELINE_OUTPUT``): never the real image, never used for jobs."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown image variant {variant!r} (known: {', '.join(VARIANTS)})")
+    baseline = variant == "baseline"
     output_dir = Path(output_dir).absolute()
     recipe = Path(recipe_dir or RECIPE_DIR)
     preloads = [Path(p).absolute() for p in preloads]
+    script = recipe / BASELINE_SUBDIR / "build-rootfs.sh" if baseline else recipe / "build-rootfs.sh"
 
-    if not (recipe / "build-rootfs.sh").is_file():
-        raise ConfigError(f"image recipe not found: {recipe}/build-rootfs.sh")
+    if not script.is_file():
+        raise ConfigError(f"image recipe not found: {script}")
+    if baseline and preloads:
+        raise ConfigError("the baseline variant takes no preloads")
     for p in preloads:
         if not p.is_file():
             raise ConfigError(f"preload tarball not found: {p}")
-    rhash = recipe_hash(recipe, preloads)
+    rhash = recipe_hash(recipe, preloads, variant=variant)
 
     existing = _read_manifest(output_dir)
-    if existing and existing.get("recipe_hash") == rhash and not force:
+    if existing and existing.get("recipe_hash") == rhash and existing.get("variant", "default") == variant and not force:
         log.info("image in %s is up to date (recipe %s)", output_dir, rhash[:12])
         return existing
 
@@ -300,13 +334,18 @@ def build_image(
     mirror = mirror or debian_mirror()
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    cache = output_dir.parent / f".{output_dir.name}.debcache"
+    # The baseline shares the real image's .deb cache (same packages) when both sit side by side.
+    cache = output_dir.parent / f".{DEFAULT_OUTPUT.name if baseline else output_dir.name}.debcache"
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.build-", dir=output_dir.parent))
     t0 = time.monotonic()
     try:
         rootfs = tmp / "rootfs"
         log.info("building base image (recipe %s) from %s in %s", rhash[:12], mirror, tmp)
-        _run(["bash", recipe / "build-rootfs.sh", rootfs, mirror, cache], what="build-rootfs.sh")
+        argv: list = ["bash", script, rootfs, mirror, cache]
+        if baseline:
+            bench_private, bench_public = generate_ed25519("lvxbench-baseline")
+            argv.append(bench_public)
+        _run(argv, what=str(script.relative_to(recipe)))
         t_rootfs = time.monotonic() - t0
         log.info("rootfs ready after %.0f s", t_rootfs)
 
@@ -317,7 +356,17 @@ def build_image(
         out = tmp / "out"
         out.mkdir()
         shutil.copyfile(rootfs / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
-        (out / "initrd.img").write_bytes(build_initrd(rootfs, kver, recipe / "initrd-init"))
+        if baseline:
+            # Debian's own initramfs-tools initrd (the stock path), made by the kernel's postinst.
+            shutil.copyfile(rootfs / "boot" / f"initrd.img-{kver}", out / "initrd.img")
+            for f in (rootfs / "boot").glob("initrd.img*"):
+                f.unlink()
+            host_key = (rootfs / "etc/ssh/ssh_host_ed25519_key.pub").read_text().strip()
+            fd = os.open(out / BENCH_CLIENT_KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(bench_private)
+        else:
+            (out / "initrd.img").write_bytes(build_initrd(rootfs, kver, recipe / "initrd-init"))
         for f in (rootfs / "boot").glob("vmlinuz*"):
             f.unlink()
 
@@ -354,7 +403,7 @@ def build_image(
             os.chmod(out / name, 0o644)
 
         info = _qemu_img_info(out / "disk.qcow2")
-        manifest = {
+        manifest: dict = {
             "format": MANIFEST_FORMAT,
             "recipe_hash": rhash,
             "built_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -383,6 +432,13 @@ def build_image(
             "preloads": preload_names,
             "build_seconds": round(time.monotonic() - t0, 1),
         }
+        if baseline:
+            manifest.update(
+                variant="baseline", cmdline=BASELINE_CMDLINE, host_key=host_key, client_key=BENCH_CLIENT_KEY,
+                network="dhcp", init="systemd",
+            )
+            for key in ("seed_device", "seed_format", "readiness", "builds_dir", "cache_dir"):
+                del manifest[key]
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(out / "manifest.json", 0o644)
         os.chmod(out, 0o755)

@@ -18,7 +18,7 @@ and the per-clone overlay's allocated size once docker answers, plus both base i
   devices, minus the seed disk) on libvirt's `default` network (DHCP). The VM's address comes
   from the network's DHCP leases (the way GitLab's libvirt example finds it), then paramiko
   (`GuestSSH.connect`, the baseline's host key pinned) until SSH accepts, then
-  `docker info` over SSH until it succeeds.
+  dockerd's API `/_ping` over SSH (the probe `prepare` uses) until it answers.
 
 Figures, not pass/fail. Run as root on a set-up host (see benchmarks/README.md):
     .venv/bin/python benchmarks/boot_bench.py --boots 3
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import libvirt
 
-from executor import imagebuild, naming
+from executor import imagebuild, naming, stages
 from executor.baseimage import load_base_image
 from executor.domain_xml import JobRecord, VMSpec, build_domain, build_overlay_volume, parse_job_record
 from executor.errors import SystemFailure
@@ -66,7 +66,8 @@ TIMINGS_RE = re.compile(
     r"ready at (?P<ip>\S+) \((?P<accel>\w+)\): clone (?P<clone>[\d.]+)s, boot-to-ssh (?P<ssh>[\d.]+)s, "
     r"ssh-to-docker (?P<docker>[\d.]+)s, total (?P<total>[\d.]+)s"
 )
-DOCKER_PROBE = "timeout 10 docker info --format '{{.ServerVersion}}'"
+# The same probe prepare waits on for our image: the daemon's API answering on its socket.
+DOCKER_PROBE = stages.DOCKER_PING
 MIB = 1024**2
 
 

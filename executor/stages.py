@@ -142,8 +142,10 @@ def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) ->
                     if tail:
                         log.info("last lines of %s's console:\n%s", vm, tail)
                 try:
+                    # A fresh connection: the failure may have been libvirtd going away.
                     with time_limit(settings.timeouts.cleanup, "rollback"):
-                        teardown(hv, settings, state, vm)
+                        with connect(settings.libvirt.uri, naming.METADATA_NS) as fresh:
+                            teardown(fresh, settings, state, vm)
                         state.remove_lock_file(vm)  # still held: nothing of the job is left
                 except Exception as cleanup_exc:  # the original error matters more
                     log.warning("rollback of %s incomplete: %s", vm, cleanup_exc)

@@ -19,7 +19,9 @@ from executor import naming
 from executor.domain_xml import parse_job_record
 from executor.errors import SystemFailure
 from executor.guest_ssh import GuestSSH, SSHNotReady
+from executor.jobstate import StateDir
 from executor.keys import generate_ed25519
+from executor.settings import load_settings
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim, terminate_like_runner
 
@@ -45,6 +47,11 @@ def _domain_xml(vm: str) -> str:
         return conn.lookupByName(vm).XMLDesc(0)
     finally:
         conn.close()
+
+
+def _client_key_path(job) -> Path:
+    settings = load_settings(str(job["config"]))
+    return StateDir(settings.paths.state_dir).job_dir(job["vm"]) / "client_key"
 
 
 def _record(vm: str):
@@ -123,7 +130,7 @@ def test_success_after_failure_leaves_exit_code_file_alone_and_exits_zero(job):
 
 def test_only_the_job_key_and_the_pinned_host_key_work(job):
     record = _record(job["vm"])
-    state_key = Path(job["config"].parent, "state", "jobs", job["vm"], "client_key").read_text()
+    state_key = _client_key_path(job).read_text()
     with GuestSSH.connect(record.ip, "runner", state_key, record.host_key, 10) as ssh:
         assert ssh.capture("id -un", 10).stdout.strip() == "runner"
     other_private, _ = generate_ed25519("intruder")
@@ -137,7 +144,7 @@ def test_only_the_job_key_and_the_pinned_host_key_work(job):
 def test_no_secret_in_domain_xml_argv_or_logs(job):
     sim = job["sim"]
     token = sim.variables["CI_JOB_TOKEN"]
-    client_key = Path(job["config"].parent, "state", "jobs", job["vm"], "client_key").read_text()
+    client_key = _client_key_path(job).read_text()
     key_body = "".join(client_key.strip().splitlines()[1:-1])
     proc = sim.start_run("sleep 4")
     time.sleep(2)
@@ -157,7 +164,7 @@ def test_no_secret_in_domain_xml_argv_or_logs(job):
         assert secret not in job["prepared"].stdout + job["prepared"].stderr
         assert secret not in result.stderr
     assert "PRIVATE KEY" not in xml
-    assert oct(os.stat(Path(job["config"].parent, "state", "jobs", job["vm"], "client_key")).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(_client_key_path(job)).st_mode & 0o777) == "0o600"
 
 
 def test_sigterm_stops_the_remote_process_group(job):

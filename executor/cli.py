@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors: our caller is misconfigured
         exc.show()
         code = errors.exit_code_for(errors.ConfigError(exc.format_message()), os.environ)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # click's wrapper around KeyboardInterrupt
+        log.error("error: interrupted by SIGINT")
         code = errors.exit_code_for(errors.Interrupted("SIGINT"), os.environ)
     except errors.BuildFailure as exc:
         code = errors.exit_code_for(exc, os.environ)

@@ -59,3 +59,15 @@ def host_facts(kvm_offered: bool) -> HostFacts:
         cpu_virt_flag=bool(flags & {"vmx", "svm"}),
         paravirt_kvm=os.path.isdir("/sys/module/kvm_pvm"),
     )
+
+
+def kvm_device_problem(mode: int, group: str) -> str | None:
+    """Why QEMU's user (group kvm) cannot open /dev/kvm, or None if it can.
+
+    Without udev, /dev/kvm stays root-only. libvirt then finds KVM usable when it probes QEMU
+    but not for the QEMU user, discards its capability cache on every call and probes again:
+    every define or start takes seconds to minutes, even for TCG domains.
+    """
+    if mode & 0o006 == 0o006 or (group == "kvm" and mode & 0o060 == 0o060):
+        return None
+    return f"/dev/kvm is {group}:{mode & 0o777:04o}, not usable by the kvm group: libvirt re-probes QEMU on every call"

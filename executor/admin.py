@@ -9,6 +9,7 @@ and removes a VM's pieces with the same `stages.teardown` cleanup uses.
 from __future__ import annotations
 
 import fcntl
+import grp
 import ipaddress
 import json
 import logging
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from executor import naming, reaping, stages
+from executor import accel, naming, reaping, stages
 from executor.domain_xml import build_dir_pool, build_nat_network, parse_job_record
 from executor.errors import ConfigError, ExecutorError, SystemFailure
 from executor.hypervisor import Hypervisor, connect
@@ -495,6 +496,9 @@ def _libvirt_checks(settings: Settings, hv: Hypervisor, add: Callable[[Check], C
             add(Check("accelerator", True, f"TCG, software emulation, boots ~10x slower: {choice.reason}"))
     except ConfigError as exc:
         add(Check("accelerator", False, str(exc), 'load the kvm module, or set libvirt.accel = "auto" or "tcg"'))
+    kvm_device = _check_kvm_device()
+    if kvm_device is not None:
+        add(kvm_device)
     pool = settings.libvirt.pool
     try:
         free = hv.pool_free_bytes(pool)
@@ -520,6 +524,21 @@ def _libvirt_checks(settings: Settings, hv: Hypervisor, add: Callable[[Check], C
     else:
         filt = f", nwfilter {settings.libvirt.nwfilter}" if settings.libvirt.nwfilter else ", no nwfilter"
         add(Check("network", True, f"{network} active ({settings.libvirt.subnet}{filt})"))
+
+
+def _check_kvm_device(path: str = "/dev/kvm") -> Check | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None  # no KVM at all: the accelerator check says so
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    problem = accel.kvm_device_problem(st.st_mode, group)
+    if problem is None:
+        return Check("kvm device", True, f"{path} is {group}:{st.st_mode & 0o777:04o}")
+    return Check("kvm device", False, problem, f"chgrp kvm {path} && chmod 0660 {path} (what udev does; scripts/setup.sh does it)")
 
 
 def _boot_probe(settings: Settings) -> Check:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from executor import accel
 from executor.accel import Choice, HostFacts, decide, host_facts
 from executor.errors import ConfigError
 
@@ -61,3 +62,20 @@ def test_auto_picks_kvm_only_in_the_one_good_case():
 def test_host_facts_passes_kvm_offered_through():
     assert host_facts(True).kvm_offered is True
     assert host_facts(False).kvm_offered is False
+
+
+@pytest.mark.parametrize(
+    "mode, group, usable",
+    [
+        (0o020600, "root", False),  # root-only, as left without udev: libvirt re-probes QEMU
+        (0o020660, "root", False),  # group-writable, but not the kvm group
+        (0o020660, "kvm", True),  # what udev sets up
+        (0o020640, "kvm", False),  # kvm group without write
+        (0o020666, "root", True),  # world read-write
+    ],
+)
+def test_kvm_device_problem(mode, group, usable):
+    problem = accel.kvm_device_problem(mode, group)
+    assert (problem is None) is usable
+    if problem:
+        assert f"{group}:{mode & 0o777:04o}" in problem

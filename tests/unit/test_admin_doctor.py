@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import http.server
 import json
 import threading
@@ -50,8 +52,9 @@ def test_healthy_host_passes_every_check(hv, tmp_path):
     seen = []
     checks = admin.doctor(write_config(tmp_path), out=seen.append)
     assert seen == checks
-    assert [c.name for c in checks] == ["config", "state dirs", "libvirt", "accelerator", "storage pool", "disk space",
-                                        "network", "base image"]
+    kvm_device = ["kvm device"] if os.path.exists("/dev/kvm") else []  # checked only where there is one
+    assert [c.name for c in checks] == ["config", "state dirs", "libvirt", "accelerator", *kvm_device,
+                                        "storage pool", "disk space", "network", "base image"]
     assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
     assert by_name(checks)["accelerator"].detail.startswith("TCG")  # the test driver offers no KVM
     assert by_name(checks)["base image"].line().startswith("ok    base image    ")
@@ -157,3 +160,15 @@ def test_cli_doctor_exit_codes(hv, tmp_path, capsys):
         cli.main(["--config", config, "doctor"])
     assert exit_info.value.code == 0
     assert "FAIL" not in capsys.readouterr().out
+
+
+def test_kvm_device_check(tmp_path):
+    assert admin._check_kvm_device(str(tmp_path / "absent")) is None
+    device = tmp_path / "kvm"
+    device.write_text("")
+    device.chmod(0o600)
+    check = admin._check_kvm_device(str(device))
+    assert check.ok is False and "0600" in check.detail
+    assert check.line().endswith(f"-> fix: chgrp kvm {device} && chmod 0660 {device} (what udev does; scripts/setup.sh does it)")
+    device.chmod(0o666)
+    assert admin._check_kvm_device(str(device)).ok is True

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import http.server
 import json
+import os
 import threading
 
 import pytest

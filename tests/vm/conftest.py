@@ -7,16 +7,13 @@ and `image build` made. A missing prerequisite fails the tests with the fix, nev
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
-import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from executor import admin
+from executor.demo import served_repository
 from executor.settings import config_path, load_settings
 
 LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
@@ -84,31 +81,13 @@ def leftovers():
     return lambda config: admin.leftovers(load_settings(str(config)))
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-
 @pytest.fixture(scope="session")
 def git_server(host_settings, tmp_path_factory):
     """A small git repository served over dumb HTTP on the VM bridge address (the host)."""
+    files = {
+        "README": "hello from the demo repository\n",
+        "check.sh": "#!/bin/sh\necho repository-check-ok\n",
+    }
     root = tmp_path_factory.mktemp("gitsrv")
-    work = root / "work"
-    work.mkdir()
-    git = ["git", "-c", "user.name=demo", "-c", "user.email=demo@example.invalid", "-c", "init.defaultBranch=main"]
-    subprocess.run([*git, "init", "-q", str(work)], check=True)
-    (work / "README").write_text("hello from the demo repository\n")
-    (work / "check.sh").write_text("#!/bin/sh\necho repository-check-ok\n")
-    subprocess.run([*git, "-C", str(work), "add", "."], check=True)
-    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "demo"], check=True)
-    bare = root / "demo.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
-    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
-    sha = subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer((str(host_settings.gateway), 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": f"http://{host_settings.gateway}:{server.server_address[1]}/demo.git", "sha": sha}
-    server.shutdown()
+    with served_repository(root, str(host_settings.gateway), files) as (url, sha):
+        yield {"url": url, "sha": sha}

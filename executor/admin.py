@@ -79,7 +79,6 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
 
 # --- inventory ------------------------------------------------------------------------------
 
-CONSOLE_SUFFIX = ".console.log"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -102,7 +101,8 @@ def _console_log_vms(settings: Settings) -> list[str]:
     directory = Path(settings.paths.console_log_dir)
     if not directory.is_dir():
         return []
-    return sorted(p.name[: -len(CONSOLE_SUFFIX)] for p in directory.glob("*" + CONSOLE_SUFFIX))
+    suffix = naming.CONSOLE_LOG_SUFFIX
+    return sorted(p.name[: -len(suffix)] for p in directory.glob("*" + suffix))
 
 
 def inventory(

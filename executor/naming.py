@@ -14,6 +14,7 @@ METADATA_KEY = "lvx"
 
 _OVERLAY_SUFFIX = ".qcow2"
 _SEED_SUFFIX = "-seed.iso"
+CONSOLE_LOG_SUFFIX = ".console.log"
 
 
 def vm_name(prefix: str, job_id: int) -> str:
@@ -26,6 +27,10 @@ def overlay_volume_name(vm: str) -> str:
 
 def seed_volume_name(vm: str) -> str:
     return vm + _SEED_SUFFIX
+
+
+def console_log_name(vm: str) -> str:
+    return vm + CONSOLE_LOG_SUFFIX
 
 
 def job_id_of(prefix: str, name: str) -> int | None:

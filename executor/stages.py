@@ -76,7 +76,7 @@ class Timings:
 
 
 def _console_log(settings: Settings, vm: str) -> Path:
-    return Path(settings.paths.console_log_dir) / f"{vm}.console.log"
+    return Path(settings.paths.console_log_dir) / naming.console_log_name(vm)
 
 
 def console_tail(path: Path, lines: int = 25, limit: int = 64 * 1024) -> str:

@@ -46,7 +46,13 @@ fi
 if [ -d /run/systemd/system ]; then
   systemctl enable --now virtlogd.socket libvirtd.socket >/dev/null 2>&1 || systemctl start libvirtd
 else
-  if ! [ -S /var/run/libvirt/virtlogd-sock ]; then say "starting virtlogd"; virtlogd -d; fi
+  # A daemon killed without its service manager leaves its socket file behind: check the
+  # process too, or a stale socket passes for a running daemon (QEMU then fails to start).
+  if ! [ -S /var/run/libvirt/virtlogd-sock ] || ! pgrep -x virtlogd >/dev/null; then
+    say "starting virtlogd"
+    rm -f /var/run/virtlogd.pid
+    virtlogd -d
+  fi
   if ! [ -S /var/run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
     say "starting libvirtd"
     rm -f /var/run/libvirtd.pid

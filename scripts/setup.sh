@@ -18,6 +18,9 @@ done
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 say() { printf '==> %s\n' "$*"; }
+listening() {  # is a daemon accepting connections on unix socket $1?
+  python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])' "$1" 2>/dev/null
+}
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: must run as root (it installs packages and configures libvirt)" >&2
@@ -46,21 +49,21 @@ fi
 if [ -d /run/systemd/system ]; then
   systemctl enable --now virtlogd.socket libvirtd.socket >/dev/null 2>&1 || systemctl start libvirtd
 else
-  # A daemon killed without its service manager leaves its socket file behind: check the
-  # process too, or a stale socket passes for a running daemon (QEMU then fails to start).
-  if ! [ -S /var/run/libvirt/virtlogd-sock ] || ! pgrep -x virtlogd >/dev/null; then
+  # A killed daemon leaves its socket file behind (and, for a moment, a zombie that pgrep
+  # still finds): only a connect tells whether anything is listening.
+  if ! listening /var/run/libvirt/virtlogd-sock; then
     say "starting virtlogd"
     rm -f /var/run/virtlogd.pid
     virtlogd -d
   fi
-  if ! [ -S /var/run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
+  if ! listening /var/run/libvirt/libvirt-sock; then
     say "starting libvirtd"
     rm -f /var/run/libvirtd.pid
     libvirtd -d
   fi
 fi
-for _ in $(seq 1 50); do [ -S /var/run/libvirt/libvirt-sock ] && break; sleep 0.2; done
-[ -S /var/run/libvirt/libvirt-sock ] || { echo "setup.sh: libvirtd did not start" >&2; exit 1; }
+for _ in $(seq 1 50); do listening /var/run/libvirt/libvirt-sock && break; sleep 0.2; done
+listening /var/run/libvirt/libvirt-sock || { echo "setup.sh: libvirtd did not start" >&2; exit 1; }
 
 # Without udev, /dev/kvm stays root-only. libvirt then finds KVM usable when it probes QEMU but
 # not for the QEMU user, throws its capability cache away on every call and probes QEMU again:

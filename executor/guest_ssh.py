@@ -153,8 +153,9 @@ class GuestSSH:
         """Run `command` with `stdin`, copying its output live. Return its exit status, or None
         if the remote process ended without one (killed by a signal).
 
-        SystemFailure if the connection drops or `still_alive()` says the VM is gone: a dead
-        peer would otherwise only be noticed after minutes of TCP retransmits.
+        SystemFailure if the connection drops or `still_alive()` says the VM is gone (or raises
+        SystemFailure itself, with the reason): a dead or frozen peer would otherwise only be
+        noticed after minutes of TCP retransmits, or never.
         """
         chan = self._open_channel(command, timeout=30)
         transport = chan.get_transport()

@@ -41,6 +41,9 @@ class DomainInfo:
     name: str
     state: str
     metadata: str | None  # our metadata element as XML text, None if the domain has none
+    # QEMU stops a guest whose disk write hit ENOSPC (or another I/O error) and waits forever:
+    # for a job that is a dead VM, not a running one.
+    io_error: bool = False
 
     @property
     def active(self) -> bool:
@@ -79,8 +82,9 @@ class Hypervisor:
             raise _failure("reading domain metadata", exc) from None
 
     def _info(self, dom: libvirt.virDomain) -> DomainInfo:
-        state, _reason = dom.state()
-        return DomainInfo(dom.name(), _STATE_NAMES.get(state, "unknown"), self._metadata(dom))
+        state, reason = dom.state()
+        io_error = state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+        return DomainInfo(dom.name(), _STATE_NAMES.get(state, "unknown"), self._metadata(dom), io_error)
 
     def domain(self, name: str) -> DomainInfo | None:
         dom = self._lookup(name)

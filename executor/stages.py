@@ -243,8 +243,16 @@ def _create_vm(
 
 
 def _vm_alive(hv: Hypervisor, vm: str) -> bool:
+    """Whether the VM still runs; SystemFailure if QEMU paused it on a disk error, which it never
+    recovers from by itself (a job would otherwise hang until its timeout)."""
     info = hv.domain(vm)
+    if info is not None and info.io_error:
+        raise _disk_error(vm)
     return info is not None and info.active
+
+
+def _disk_error(vm: str) -> SystemFailure:
+    return SystemFailure(f"the job's VM {vm} is paused on a disk I/O error (is the storage pool full?)")
 
 
 def _wait_for_ssh(
@@ -300,6 +308,8 @@ def _record(hv: Hypervisor, vm: str) -> JobRecord:
     record = parse_job_record(info.metadata) if info.metadata else None
     if record is None:
         raise SystemFailure(f"domain {vm} carries no libvirt-executor metadata: not ours")
+    if info.io_error:
+        raise _disk_error(vm)
     if not info.active:
         raise SystemFailure(f"the job's VM {vm} is not running (state: {info.state})")
     return record

@@ -40,6 +40,21 @@ def test_metadata_is_read_in_our_namespace_only(spec):
         assert other.domain(spec.name).metadata is None
 
 
+def test_a_paused_domain_is_active_and_only_an_io_error_pause_counts_as_one(hv, spec):
+    # The test driver can pause a domain only as a user would (reason "user"); the I/O-error
+    # pause that a full pool causes is provoked for real in tests/vm/test_disk_full.py.
+    hv.define_and_start(build_domain(spec))
+    conn = libvirt.open("test:///default")
+    try:
+        conn.lookupByName(spec.name).suspend()
+        assert conn.lookupByName(spec.name).state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER]
+    finally:
+        conn.close()
+    info = hv.domain(spec.name)
+    assert info.state == "paused" and info.active and info.io_error is False
+    assert hv.domain("test").io_error is False
+
+
 def test_unknown_domain_is_none(hv):
     assert hv.domain("lvx-job-999") is None
 

@@ -36,16 +36,20 @@ def host_settings():
     return settings
 
 
-def write_test_config(host_settings, directory: Path, prefix: str, expiry_margin: int = 1800) -> Path:
-    """A config for tests: the host's pool, network, image and state dir (IP reservations must
-    be shared by everything on one network), our own name prefix and console-log dir."""
+def write_test_config(
+    host_settings, directory: Path, prefix: str, expiry_margin: int = 1800, pool: tuple[str, str] | None = None
+) -> Path:
+    """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
+    dir (IP reservations must be shared by everything on one network), our own name prefix and
+    console-log dir."""
     s = host_settings
+    pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
 [libvirt]
 uri = "{s.libvirt.uri}"
 accel = "{s.libvirt.accel}"
-pool = "{s.libvirt.pool}"
-pool_path = "{s.libvirt.pool_path}"
+pool = "{pool_name}"
+pool_path = "{pool_path}"
 network = "{s.libvirt.network}"
 bridge = "{s.libvirt.bridge}"
 subnet = "{s.libvirt.subnet}"

@@ -40,7 +40,7 @@ def test_metadata_is_read_in_our_namespace_only(spec):
         assert other.domain(spec.name).metadata is None
 
 
-def test_a_paused_domain_is_active_and_only_an_io_error_pause_counts_as_one(hv, spec):
+def test_a_user_paused_domain_is_active_and_not_an_io_error(hv, spec):
     # The test driver can pause a domain only as a user would (reason "user"); the I/O-error
     # pause that a full pool causes is provoked for real in tests/vm/test_disk_full.py.
     hv.define_and_start(build_domain(spec))

@@ -13,7 +13,7 @@ and the per-clone overlay's allocated size once docker answers, plus both base i
   from its timings line (boot-to-ssh, boot-to-ssh + ssh-to-docker); then `cleanup()`.
 * baseline: the same Debian packages plus systemd-sysv, booted the stock way (systemd, DHCP by
   systemd-networkd, Debian's initramfs-tools initrd), built by
-  `imagebuild.build_image(..., variant="baseline")` and cached like the real image. A qcow2
+  `benchmarks/baseline_image.py` with the real image's build steps and cached like it. A qcow2
   overlay on it, a domain from the same `domain_xml.build_domain` (same vCPUs, memory, CPU and
   devices, minus the seed disk) on libvirt's `default` network (DHCP). The VM's address comes
   from the network's DHCP leases (the way GitLab's libvirt example finds it), then paramiko
@@ -27,6 +27,7 @@ Figures, not pass/fail. Run as root on a set-up host (see benchmarks/README.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -44,19 +45,21 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import baseline_image  # beside this script
 import libvirt
 
-from executor import imagebuild, naming, stages
-from executor.baseimage import load_base_image
-from executor.domain_xml import JobRecord, VMSpec, build_domain, build_overlay_volume, parse_job_record
+from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
+from executor.adapters.hostfiles import load_base_image, load_settings
+from executor.adapters.hypervisor import Hypervisor
+from executor.adapters.statedir import StateDir
+from executor.core import naming
+from executor.core.domain_xml import JobRecord, VMSpec, build_domain, build_overlay_volume, parse_job_record
+from executor.core.settings import Settings, config_path
+from executor.core.waiting import wait_until
 from executor.errors import SystemFailure
-from executor.guest_ssh import GuestSSH, SSHNotReady
-from executor.hypervisor import Hypervisor
-from executor.jobstate import StateDir
-from executor.runnersim import RunnerSim, kill_group
-from executor.settings import Settings, config_path, load_settings
-from executor.stages import choose_accel
-from executor.waiting import wait_until
+from executor.jobvm.accel import choose_accel
+from executor.stages.prepare import DOCKER_PING
+from executor.testing.runnersim import RunnerSim, kill_group
 
 PREFIX = "lvxbench"
 BASELINE_PREFIX = f"{PREFIX}-baseline-"
@@ -67,7 +70,7 @@ TIMINGS_RE = re.compile(
     r"ssh-to-docker (?P<docker>[\d.]+)s, total (?P<total>[\d.]+)s"
 )
 # The same probe prepare waits on for our image: the daemon's API answering on its socket.
-DOCKER_PROBE = stages.DOCKER_PING
+DOCKER_PROBE = DOCKER_PING
 MIB = 1024**2
 
 
@@ -125,17 +128,13 @@ class Libvirt:
                 if self._alive() or attempt == attempts - 1:
                     raise
                 print("  (libvirtd connection lost: reconnecting)", file=sys.stderr)
-                try:
+                with contextlib.suppress(libvirt.libvirtError):
                     self.conn.close()
-                except libvirt.libvirtError:
-                    pass
                 self._open(deadline=time.monotonic() + 60)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
-        except libvirt.libvirtError:
-            pass
 
 
 # ------------------------------------------------------------------ config
@@ -249,7 +248,7 @@ def baseline_domain_xml(spec: VMSpec) -> str:
 
 def random_mac() -> str:
     b = secrets.token_bytes(3)
-    return "52:54:00:%02x:%02x:%02x" % (b[0], b[1], b[2])
+    return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
 
 
 def remove_baseline_vm(lv: Libvirt, pool: str, name: str) -> None:
@@ -259,8 +258,13 @@ def remove_baseline_vm(lv: Libvirt, pool: str, name: str) -> None:
 
 
 def boot_baseline(
-    settings: Settings, lv: Libvirt, base: dict, base_dir: Path,
-    choice, workdir: Path, n: int,
+    settings: Settings,
+    lv: Libvirt,
+    base: dict,
+    base_dir: Path,
+    choice,
+    workdir: Path,
+    n: int,
 ) -> Boot:
     name = f"{BASELINE_PREFIX}{n}"
     pool = settings.libvirt.pool
@@ -273,15 +277,34 @@ def boot_baseline(
         overlay = lv.call(lambda hv, _c: hv.create_volume(pool, vol_xml), attempts=1)
         now = int(time.time())
         record = JobRecord(
-            vm=name, job_id=n, project_id=None, project="boot benchmark baseline", pipeline_id=None,
-            runner_id=None, created=now, expires=now + 3600, ip="", accel=choice.accel, host_key=base["host_key"],
+            vm=name,
+            job_id=n,
+            project_id=None,
+            project="boot benchmark baseline",
+            pipeline_id=None,
+            runner_id=None,
+            created=now,
+            expires=now + 3600,
+            ip="",
+            accel=choice.accel,
+            host_key=base["host_key"],
         )
         spec = VMSpec(
-            name=name, memory_mib=settings.vm.memory_mib, vcpus=settings.vm.vcpus,
-            kernel=str(base_dir / base["kernel"]), initrd=str(base_dir / base["initrd"]), cmdline=base["cmdline"],
-            overlay_path=overlay, seed_path="", network=BASELINE_NETWORK, mac=mac, ip="",
-            console_log=str(workdir / f"{name}.console.log"), record=record,
-            domain_type=choice.domain_type, nwfilter="",
+            name=name,
+            memory_mib=settings.vm.memory_mib,
+            vcpus=settings.vm.vcpus,
+            kernel=str(base_dir / base["kernel"]),
+            initrd=str(base_dir / base["initrd"]),
+            cmdline=base["cmdline"],
+            overlay_path=overlay,
+            seed_path="",
+            network=BASELINE_NETWORK,
+            mac=mac,
+            ip="",
+            console_log=str(workdir / f"{name}.console.log"),
+            record=record,
+            domain_type=choice.domain_type,
+            nwfilter="",
         )
         dom_xml = baseline_domain_xml(spec)
         lv.call(lambda hv, _c: hv.define_and_start(dom_xml), attempts=1)
@@ -306,7 +329,9 @@ def boot_baseline(
         def ssh_up() -> GuestSSH | None:
             alive()
             try:
-                return GuestSSH.connect(boot.ip, base["user"], client_key, base["host_key"], settings.timeouts.ssh_connect)
+                return GuestSSH.connect(
+                    boot.ip, base["user"], client_key, base["host_key"], settings.timeouts.ssh_connect
+                )
             except SSHNotReady:
                 return None
 
@@ -340,7 +365,7 @@ def _tail(path: Path, lines: int = 20) -> str:
         text = path.read_bytes()[-16384:].decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", l) for l in text.splitlines()[-lines:])
+    return "\n".join(re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", line) for line in text.splitlines()[-lines:])
 
 
 # ------------------------------------------------------------------ report
@@ -359,8 +384,9 @@ def _mib(v: float) -> str:
 
 
 def qemu_img_virtual(path: Path) -> int:
-    out = subprocess.run(["qemu-img", "info", "--force-share", "--output=json", str(path)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["qemu-img", "info", "--force-share", "--output=json", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     return int(json.loads(out)["virtual-size"])
 
 
@@ -382,14 +408,16 @@ def report(boots: list[Boot], images: dict[str, dict], meta: dict) -> str:
         f"{'ours/baseline':>15}",
         f"{'  (a) SSH accepting':{w}} {_fmt_pair(o_ssh):>19} {_fmt_pair(b_ssh):>23} {_ratio(o_ssh, b_ssh):>15}",
         f"{'  (b) docker answering':{w}} {_fmt_pair(o_dock):>19} {_fmt_pair(b_dock):>23} {_ratio(o_dock, b_dock):>15}",
-        f"{'  baseline: DHCP lease seen':{w}} {'(static IP)':>19} "
-        f"{_fmt_pair([b.extra['lease'] for b in base]):>23}",
+        f"{'  baseline: DHCP lease seen':{w}} {'(static IP)':>19} {_fmt_pair([b.extra['lease'] for b in base]):>23}",
         "",
         f"{'overlay allocated at docker-ready':{w}} {_mib(statistics.median(o_ov)) + ' / ' + _mib(max(o_ov)):>19} "
         f"{_mib(statistics.median(b_ov)) + ' / ' + _mib(max(b_ov)):>23}   (median / max)",
     ]
-    for label, key in (("base disk.qcow2 file size", "disk_bytes"), ("base disk virtual size", "virtual_bytes"),
-                       ("kernel + initrd", "boot_bytes")):
+    for label, key in (
+        ("base disk.qcow2 file size", "disk_bytes"),
+        ("base disk virtual size", "virtual_bytes"),
+        ("kernel + initrd", "boot_bytes"),
+    ):
         fmt = (lambda v: f"{v / 1024**3:.1f} GiB") if key == "virtual_bytes" else _mib
         out.append(f"{label:{w}} {fmt(images['ours'][key]):>19} {fmt(images['baseline'][key]):>23}")
     out.append(f"{'init / network':{w}} {'lvx-init, static':>19} {'systemd, DHCP':>23}")
@@ -436,7 +464,7 @@ def cleanup_leftovers(lv: Libvirt, settings: Settings) -> None:
     for vol in lv.call(lambda hv, _c: hv.volume_names(pool)):
         if vol.startswith(BASELINE_PREFIX):
             print(f"removing leftover volume {vol}", file=sys.stderr)
-            lv.call(lambda hv, _c: hv.delete_volume(pool, vol))
+            lv.call(lambda hv, _c, vol=vol: hv.delete_volume(pool, vol))
 
 
 def _retry_once(boot):
@@ -452,9 +480,15 @@ def _retry_once(boot):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--boots", type=int, default=3, help="boots of each image (default 3)")
-    ap.add_argument("--config", help="executor config (default: $LIBVIRT_EXECUTOR_CONFIG or /etc/libvirt-executor/config.toml)")
-    ap.add_argument("--baseline-dir", type=Path, default=imagebuild.BASELINE_OUTPUT,
-                    help=f"where the baseline image is built and cached (default {imagebuild.BASELINE_OUTPUT})")
+    ap.add_argument(
+        "--config", help="executor config (default: $LIBVIRT_EXECUTOR_CONFIG or /etc/libvirt-executor/config.toml)"
+    )
+    ap.add_argument(
+        "--baseline-dir",
+        type=Path,
+        default=baseline_image.OUTPUT,
+        help=f"where the baseline image is built and cached (default {baseline_image.OUTPUT})",
+    )
     ap.add_argument("--rebuild-baseline", action="store_true", help="rebuild the baseline even if it is up to date")
     ap.add_argument("--json", type=Path, help="also write the raw figures as JSON here")
     args = ap.parse_args(argv)
@@ -474,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"baseline image: {args.baseline_dir} (building if missing or out of date)", file=sys.stderr)
     t = time.monotonic()
-    base = imagebuild.build_image(args.baseline_dir, force=args.rebuild_baseline, variant="baseline")
+    base = baseline_image.build_baseline(args.baseline_dir, force=args.rebuild_baseline)
     print(f"baseline image ready after {time.monotonic() - t:.0f} s", file=sys.stderr)
     ours_image = load_base_image(host.image.dir)
 
@@ -494,27 +528,30 @@ def main(argv: list[str] | None = None) -> int:
         choice = choose_accel(settings, lv.hv)
         for n in range(1, args.boots + 1):
             print(f"boot {n}/{args.boots}: ours ...", file=sys.stderr, flush=True)
-            boots.append(_retry_once(lambda: boot_ours(config, settings, lv, workdir, n, host)))
+            boots.append(_retry_once(lambda n=n: boot_ours(config, settings, lv, workdir, n, host)))
             b = boots[-1]
             print(f"  ssh {b.ssh:.1f}s docker {b.docker:.1f}s overlay {_mib(b.overlay_bytes)}", file=sys.stderr)
             print(f"boot {n}/{args.boots}: baseline ...", file=sys.stderr, flush=True)
-            boots.append(_retry_once(lambda: boot_baseline(settings, lv, base, args.baseline_dir, choice, workdir, n)))
+            boots.append(
+                _retry_once(lambda n=n: boot_baseline(settings, lv, base, args.baseline_dir, choice, workdir, n))
+            )
             b = boots[-1]
-            print(f"  lease {b.extra['lease']:.1f}s ssh {b.ssh:.1f}s docker {b.docker:.1f}s "
-                  f"overlay {_mib(b.overlay_bytes)}", file=sys.stderr)
+            print(
+                f"  lease {b.extra['lease']:.1f}s ssh {b.ssh:.1f}s docker {b.docker:.1f}s "
+                f"overlay {_mib(b.overlay_bytes)}",
+                file=sys.stderr,
+            )
     finally:
         if started_default:
-            try:
+            with contextlib.suppress(libvirt.libvirtError, SystemFailure):
                 lv.call(lambda _hv, conn: conn.networkLookupByName(BASELINE_NETWORK).destroy())
-            except (libvirt.libvirtError, SystemFailure):
-                pass
         lv.close()
 
     accels = {b.extra["accel"] for b in boots if b.kind == "ours"}
     meta = {
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "host": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB, "
-                f"{platform.system()} {platform.release()}",
+        f"{platform.system()} {platform.release()}",
         "accel": "/".join(sorted(accels)),
         "accel_reason": choice.reason,
         "vcpus": settings.vm.vcpus,
@@ -528,8 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(report(boots, images, meta))
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "images": images,
-                                         "boots": [b.__dict__ for b in boots]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"meta": meta, "images": images, "boots": [b.__dict__ for b in boots]}, indent=2) + "\n"
+        )
     subprocess.run(["rm", "-rf", str(workdir)], check=False)
     return 0
 

@@ -1,5 +1,8 @@
 """Command line: thin click commands that parse, load and call `stages` / `admin`.
 
+The stage and admin modules are imported inside each command: `config` and `run` start in a
+fraction of the time the whole package (libvirt, paramiko, cryptography) would take.
+
 Exit codes are never click's: `main` runs click with standalone_mode=False and maps every
 outcome through `errors.exit_code_for`, because click's 1 (ClickException/Abort) and 2
 (UsageError) are exactly gitlab-runner's build and system failure codes.
@@ -16,8 +19,9 @@ from pathlib import Path
 import click
 
 from executor import __version__, errors
-from executor.jobenv import Job, job_response_path, parse_job
-from executor.settings import Settings, config_path, load_settings
+from executor.adapters.hostfiles import load_job, load_settings, write_build_exit_code
+from executor.core.jobenv import Job
+from executor.core.settings import Settings, config_path
 
 log = logging.getLogger("executor")
 
@@ -35,12 +39,7 @@ class _Context:
 
 
 def _job() -> Job:
-    path = job_response_path(os.environ)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise errors.JobError(f"cannot read the job payload {path}: {exc.strerror}") from None
-    return parse_job(text)
+    return load_job(os.environ)
 
 
 def setup_logging(debug: bool) -> None:
@@ -74,18 +73,18 @@ def cli(ctx: click.Context, config: str | None, debug: bool) -> None:
 @click.pass_obj
 def config_cmd(obj: _Context) -> None:
     """config_exec: print the driver's JSON (only JSON) on stdout."""
-    from executor import stages
+    from executor.stages.config import config_json
 
-    click.echo(json.dumps(stages.config_json(obj.settings, _job())))
+    click.echo(json.dumps(config_json(obj.settings, _job())))
 
 
 @cli.command("prepare")
 @click.pass_obj
 def prepare_cmd(obj: _Context) -> None:
     """prepare_exec: create and boot the job's VM, wait for SSH and Docker."""
-    from executor import stages
+    from executor.stages.prepare import prepare
 
-    stages.prepare(obj.settings, _job(), out=click.echo)
+    prepare(obj.settings, _job(), out=click.echo)
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True})
@@ -94,12 +93,12 @@ def prepare_cmd(obj: _Context) -> None:
 @click.pass_obj
 def run_cmd(obj: _Context, script: str, stage: str) -> None:
     """run_exec: run SCRIPT (the runner's stage script) for STAGE inside the job's VM."""
-    from executor import stages
+    from executor.stages.run import run
 
     try:
-        stages.run(obj.settings, _job(), script, stage)
+        run(obj.settings, _job(), script, stage)
     except errors.BuildFailure as exc:
-        errors.write_build_exit_code(exc.exit_status, os.environ)
+        write_build_exit_code(exc.exit_status, os.environ)
         raise
 
 
@@ -107,9 +106,9 @@ def run_cmd(obj: _Context, script: str, stage: str) -> None:
 @click.pass_obj
 def cleanup_cmd(obj: _Context) -> None:
     """cleanup_exec: destroy the job's VM and remove everything it used."""
-    from executor import stages
+    from executor.stages.cleanup import cleanup
 
-    stages.cleanup(obj.settings, _job())
+    cleanup(obj.settings, _job())
 
 
 # --- operator commands --------------------------------------------------------------------
@@ -126,9 +125,9 @@ def cleanup_cmd(obj: _Context) -> None:
 def setup_cmd(obj: _Context, example: str | None) -> None:
     """Create what the executor needs on this host (idempotent): config, directories,
     storage pool, network."""
-    from executor import admin
+    from executor.admin.setup import setup_host
 
-    changes = admin.setup_host(obj.config_file, example)
+    changes = setup_host(obj.config_file, example)
     for line in changes:
         click.echo(f"setup: {line}")
     if not changes:
@@ -141,14 +140,24 @@ def image_group() -> None:
 
 
 @image_group.command("build")
-@click.option("--output", type=click.Path(file_okay=False), default=None, help="Output directory (default: image.dir from the config).")
-@click.option("--preload", type=click.Path(dir_okay=False, exists=True), multiple=True, help="Docker image tarball (docker save) to make available in every VM.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output directory (default: image.dir from the config).",
+)
+@click.option(
+    "--preload",
+    type=click.Path(dir_okay=False, exists=True),
+    multiple=True,
+    help="Docker image tarball (docker save) to make available in every VM.",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if the recipe is unchanged.")
 @click.pass_obj
 def image_build_cmd(obj: _Context, output: str | None, preload: tuple[str, ...], force: bool) -> None:
     """Build the base image with debootstrap (root only; a few minutes; cached)."""
-    from executor import imagebuild
-    from executor.settings import ImageSettings
+    from executor.admin import imagebuild
+    from executor.core.settings import ImageSettings
 
     if output is None:
         try:
@@ -167,22 +176,27 @@ def image_build_cmd(obj: _Context, output: str | None, preload: tuple[str, ...],
 def list_cmd(obj: _Context, as_json: bool) -> None:
     """Every VM of this executor (name, job, project, state, IP, age, expiry, accelerator),
     plus volumes, keys, locks and IP reservations left without a VM."""
-    from executor import admin
+    from executor.admin import listing
 
-    listing = admin.list_vms(obj.settings)
-    click.echo(admin.format_json(listing) if as_json else admin.format_table(listing))
+    found = listing.list_vms(obj.settings)
+    click.echo(listing.format_json(found) if as_json else listing.format_table(found))
 
 
 @cli.command("reap")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
-@click.option("--older-than", metavar="DURATION", default=None,
-              help="Also remove VMs created at least this long ago (e.g. 90m, 6h, 2d), expired or not.")
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    default=None,
+    help="Also remove VMs created at least this long ago (e.g. 90m, 6h, 2d), expired or not.",
+)
 @click.pass_obj
 def reap_cmd(obj: _Context, dry_run: bool, older_than: str | None) -> None:
     """Remove VMs past their expiry and every orphaned volume, seed, key, lock and IP
     reservation. Never touches a VM a stage is working on, or anything not ours.
     Safe to run every minute from cron or a timer."""
-    from executor import admin, reaping
+    from executor.admin.reap import reap
+    from executor.core import reaping
 
     seconds = None
     if older_than is not None:
@@ -190,7 +204,7 @@ def reap_cmd(obj: _Context, dry_run: bool, older_than: str | None) -> None:
             seconds = reaping.parse_duration(older_than)
         except ValueError as exc:
             raise errors.ConfigError(f"--older-than: {exc}") from None
-    result = admin.reap(obj.settings, dry_run=dry_run, older_than=seconds)
+    result = reap(obj.settings, dry_run=dry_run, older_than=seconds)
     for line in result.actions:
         click.echo(f"reap: {line}")
     for line in result.skipped:
@@ -209,9 +223,9 @@ def reap_cmd(obj: _Context, dry_run: bool, older_than: str | None) -> None:
 def doctor_cmd(obj: _Context, boot: bool) -> None:
     """Check the host: config, libvirt, accelerator, pool, disk space, network, base image,
     mirror. One line per check with the fix; exits non-zero if anything is broken."""
-    from executor import admin
+    from executor.admin.doctor import doctor
 
-    checks = admin.doctor(obj.config_file, boot=boot, out=lambda check: click.echo(check.line()))
+    checks = doctor(obj.config_file, boot=boot, out=lambda check: click.echo(check.line()))
     failed = [c.name for c in checks if c.ok is False]
     if failed:
         raise errors.ConfigError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
@@ -221,9 +235,9 @@ def doctor_cmd(obj: _Context, boot: bool) -> None:
 @click.pass_obj
 def demo_cmd(obj: _Context) -> None:
     """Run one demo job end to end (clone, docker run) in a fresh VM, as gitlab-runner would."""
-    from executor import demo
+    from executor.admin.demo import run_demo
 
-    demo.run_demo(obj.settings, obj.config_file, say=click.echo)
+    run_demo(obj.settings, obj.config_file, say=click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         code = errors.exit_code_for(errors.Interrupted("SIGINT"), os.environ)
     except errors.BuildFailure as exc:
         code = errors.exit_code_for(exc, os.environ)
-    except BaseException as exc:  # noqa: BLE001 - everything else is a system failure, by design
+    except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             code = 0
         else:

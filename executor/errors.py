@@ -4,7 +4,7 @@ gitlab-runner reads the exit code of every stage: BUILD_FAILURE_EXIT_CODE blames
 script, SYSTEM_FAILURE_EXIT_CODE blames the infrastructure (and is retried during prepare). Any
 other code is an "unknown" failure. Python's and click's default exit 1 would read as a build
 failure, so nothing here is left to defaults: everything that is not a BuildFailure is a system
-failure.
+failure. Pure: the cli writes BUILD_EXIT_CODE_FILE (`adapters.hostfiles`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class JobError(ExecutorError):
 
 class SystemFailure(ExecutorError):
     """Infrastructure failed: libvirt, the VM, SSH, a timeout."""
+
+
+class ImageBuildError(SystemFailure):
+    """Building the base image failed: a host tool exited non-zero, or the rootfs is unusable."""
 
 
 class Interrupted(SystemFailure):
@@ -63,19 +67,6 @@ def exit_code_for(exc: BaseException | None, environ: Mapping[str, str]) -> int:
     return _code_from(environ, "SYSTEM_FAILURE_EXIT_CODE", DEFAULT_SYSTEM_FAILURE_EXIT_CODE)
 
 
-def write_build_exit_code(exit_status: int, environ: Mapping[str, str]) -> None:
-    """Record the script's status where gitlab-runner reads it (allow_failure: exit_codes).
-
-    The runner parses the first line with strconv.Atoi: a bare integer, no spaces. The file is
-    never cleared between stages by the runner, so it is always rewritten whole.
-    """
-    path = environ.get("BUILD_EXIT_CODE_FILE")
-    if not path:
-        return
-    with open(path, "w", encoding="ascii") as f:
-        f.write(f"{int(exit_status)}\n")
-
-
 def describe(exc: BaseException) -> str:
     """A one-line description for the job log, never a traceback."""
     text = str(exc) or exc.__class__.__name__
@@ -88,10 +79,10 @@ __all__ = [
     "BuildFailure",
     "ConfigError",
     "ExecutorError",
+    "ImageBuildError",
     "Interrupted",
     "JobError",
     "SystemFailure",
     "describe",
     "exit_code_for",
-    "write_build_exit_code",
 ]

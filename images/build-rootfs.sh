@@ -1,14 +1,18 @@
 #!/bin/bash
 # Build the base image's root filesystem (a plain directory; no mounts, no loop devices).
-#   build-rootfs.sh ROOTFS_DIR MIRROR_URL [DEB_CACHE_DIR]
-# Run as root. Called by executor/imagebuild.py, which makes the disk, initrd and manifest.
+#   build-rootfs.sh ROOTFS_DIR MIRROR_URL DEB_CACHE_DIR SUITE JOB_USER BUILDS_DIR CACHE_DIR
+# Run as root. Called by executor/admin/imagebuild.py, which makes the disk, initrd and manifest;
+# the suite, the job user and its dirs come from executor/core/imagerecipe.py (one place).
 set -euo pipefail
+[ $# = 7 ] || { echo "usage: $0 ROOTFS MIRROR DEB_CACHE SUITE JOB_USER BUILDS_DIR CACHE_DIR" >&2; exit 2; }
 ROOTFS=$1
 MIRROR=$2
-CACHE=${3:-}
+CACHE=$3
+SUITE=$4
+JOB_USER=$5
+BUILDS_DIR=$6
+CACHE_DIR=$7
 HERE=$(cd "$(dirname "$0")" && pwd)
-SUITE=bookworm
-JOB_USER=runner
 
 log() { echo "build-rootfs: $*" >&2; }
 
@@ -52,7 +56,7 @@ in_root usermod -p '*' $JOB_USER
 printf '%s ALL=(ALL:ALL) NOPASSWD: ALL\n' "$JOB_USER" > "$ROOTFS/etc/sudoers.d/lvx-$JOB_USER"
 chmod 0440 "$ROOTFS/etc/sudoers.d/lvx-$JOB_USER"
 install -d -m 0755 -o root -g root "$ROOTFS/etc/ssh/authorized_keys"
-for d in /builds /cache; do install -d -m 0755 "$ROOTFS$d"; in_root chown $JOB_USER:$JOB_USER "$d"; done
+for d in "$BUILDS_DIR" "$CACHE_DIR"; do install -d -m 0755 "$ROOTFS$d"; in_root chown $JOB_USER:$JOB_USER "$d"; done
 install -d -m 0755 "$ROOTFS/var/lib/lvx/preload"
 
 log "system defaults"
@@ -75,6 +79,6 @@ rm -rf "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/cache/apt/archives/*.deb "$RO
 rm -rf "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/info/*
 find "$ROOTFS/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name 'locale.alias' -exec rm -rf {} +
 # The kernel and initrd live outside the disk (direct kernel boot); the initramfs-tools
-# initrd is not used (imagebuild.py builds a tiny busybox one).
+# initrd is not used (executor/admin/imagebuild.py builds a tiny busybox one).
 rm -f "$ROOTFS"/boot/initrd.img-* "$ROOTFS"/initrd.img* "$ROOTFS"/initrd.img.old
 log "done"

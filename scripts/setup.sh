@@ -80,10 +80,10 @@ if ! [ -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 if ! .venv/bin/python -c "import executor, libvirt, paramiko, pycdlib, pytest" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
-  say "installing libvirt-executor and its dependencies"
+   || ! [ -x .venv/bin/lint-imports ] || [ pyproject.toml -nt .venv/.installed ]; then
+  say "installing libvirt-executor, its dependencies and the dev tools (pytest, ruff, mypy, import-linter)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[test]"
+  .venv/bin/pip install -q -e ".[dev]"
   touch .venv/.installed
 fi
 ln -sf "$repo/.venv/bin/libvirt-executor" /usr/local/bin/libvirt-executor

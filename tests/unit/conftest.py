@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from executor import hypervisor, naming
-from executor.domain_xml import JobRecord, VMSpec
-from executor.settings import LibvirtSettings, PathSettings, Settings
+from executor.adapters import hypervisor
+from executor.core import naming
+from executor.core.domain_xml import JobRecord, VMSpec
+from executor.core.settings import LibvirtSettings, PathSettings, Settings
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TEST_URI = "test:///default"
@@ -45,19 +46,19 @@ def golden(request):
 
 
 def make_record(**overrides) -> JobRecord:
-    fields = dict(
-        vm="lvx-job-4242",
-        job_id=4242,
-        project_id=17,
-        project="group/project",
-        pipeline_id=900,
-        runner_id=3,
-        created=1_700_000_000,
-        expires=1_700_005_400,
-        ip="192.168.122.10",
-        accel="tcg",
-        host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyForTests lvx-job-4242",
-    )
+    fields = {
+        "vm": "lvx-job-4242",
+        "job_id": 4242,
+        "project_id": 17,
+        "project": "group/project",
+        "pipeline_id": 900,
+        "runner_id": 3,
+        "created": 1_700_000_000,
+        "expires": 1_700_005_400,
+        "ip": "192.168.122.10",
+        "accel": "tcg",
+        "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyForTests lvx-job-4242",
+    }
     fields.update(overrides)
     return JobRecord(**fields)
 
@@ -65,28 +66,28 @@ def make_record(**overrides) -> JobRecord:
 def make_spec(record: JobRecord | None = None, **overrides) -> VMSpec:
     record = record or make_record()
     name = overrides.pop("name", record.vm)
-    fields = dict(
-        name=name,
-        memory_mib=2048,
-        vcpus=2,
-        kernel="/var/lib/libvirt-executor/image/vmlinuz",
-        initrd="/var/lib/libvirt-executor/image/initrd.img",
-        cmdline="console=ttyS0 root=/dev/vda rw quiet",
-        overlay_path=f"/var/lib/libvirt-executor/pool/{name}.qcow2",
-        seed_path=f"/var/lib/libvirt-executor/pool/{name}-seed.iso",
-        network="libvirt-executor",
-        mac="52:54:00:a8:7a:0a",
-        ip=record.ip,
-        console_log=f"/var/log/libvirt-executor/{name}.console.log",
-        record=record,
-    )
+    fields = {
+        "name": name,
+        "memory_mib": 2048,
+        "vcpus": 2,
+        "kernel": "/var/lib/libvirt-executor/image/vmlinuz",
+        "initrd": "/var/lib/libvirt-executor/image/initrd.img",
+        "cmdline": "console=ttyS0 root=/dev/vda rw quiet",
+        "overlay_path": f"/var/lib/libvirt-executor/pool/{name}.qcow2",
+        "seed_path": f"/var/lib/libvirt-executor/pool/{name}-seed.iso",
+        "network": "libvirt-executor",
+        "mac": "52:54:00:a8:7a:0a",
+        "ip": record.ip,
+        "console_log": f"/var/log/libvirt-executor/{name}.console.log",
+        "record": record,
+    }
     fields.update(overrides)
     return VMSpec(**fields)
 
 
 def make_driver_spec(record: JobRecord | None = None, **overrides) -> VMSpec:
     """A spec libvirt's test driver accepts: domain type "test", i686, no machine, network default."""
-    base = dict(domain_type="test", arch="i686", machine=None, network="default", memory_mib=256, vcpus=1)
+    base = {"domain_type": "test", "arch": "i686", "machine": None, "network": "default", "memory_mib": 256, "vcpus": 1}
     base.update(overrides)
     return make_spec(record, **base)
 

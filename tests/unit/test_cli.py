@@ -18,7 +18,11 @@ def runner_env(monkeypatch, tmp_path):
     """The environment gitlab-runner gives every stage, with non-default failure codes so that
     click's own 1/2 cannot pass for ours."""
     for key in list(os.environ):
-        if key.startswith("CUSTOM_ENV_") or key in ("LIBVIRT_EXECUTOR_CONFIG", "JOB_RESPONSE_FILE", "BUILD_EXIT_CODE_FILE"):
+        if key.startswith("CUSTOM_ENV_") or key in (
+            "LIBVIRT_EXECUTOR_CONFIG",
+            "JOB_RESPONSE_FILE",
+            "BUILD_EXIT_CODE_FILE",
+        ):
             monkeypatch.delenv(key)
     monkeypatch.setenv("BUILD_FAILURE_EXIT_CODE", str(BUILD))
     monkeypatch.setenv("SYSTEM_FAILURE_EXIT_CODE", str(SYSTEM))
@@ -207,15 +211,15 @@ def _script(tmp_path):
 def test_build_failure_exits_with_the_build_code_and_writes_the_status(
     config_file, payload_file, tmp_path, monkeypatch, capsys
 ):
-    from executor import stages
     from executor.errors import BuildFailure
+    from executor.stages import run as run_stage
 
     def fake_run(settings, job, script, stage):
         assert job.job_id == 4242 and stage == "build_script"
         raise BuildFailure(42)
 
     (tmp_path / "build_exit_code").write_text("999\n")  # stale, from an earlier stage
-    monkeypatch.setattr(stages, "run", fake_run)
+    monkeypatch.setattr(run_stage, "run", fake_run)
     assert run(["--config", str(config_file), "run", _script(tmp_path), "build_script"]) == BUILD
     assert (tmp_path / "build_exit_code").read_text() == "42\n"
 
@@ -230,12 +234,12 @@ def test_build_failure_exits_with_the_build_code_and_writes_the_status(
     ],
 )
 def test_anything_else_in_a_stage_is_a_system_failure(exc, config_file, payload_file, tmp_path, monkeypatch, capsys):
-    from executor import stages
+    from executor.stages import run as run_stage
 
     def fake_run(settings, job, script, stage):
         raise exc
 
-    monkeypatch.setattr(stages, "run", fake_run)
+    monkeypatch.setattr(run_stage, "run", fake_run)
     assert run(["--config", str(config_file), "run", _script(tmp_path), "build_script"]) == SYSTEM
     assert not (tmp_path / "build_exit_code").exists()
     err = capsys.readouterr().err
@@ -245,9 +249,9 @@ def test_anything_else_in_a_stage_is_a_system_failure(exc, config_file, payload_
 
 
 def test_a_successful_stage_exits_zero(config_file, payload_file, tmp_path, monkeypatch):
-    from executor import stages
+    from executor.stages import cleanup as cleanup_stage
 
     calls = []
-    monkeypatch.setattr(stages, "cleanup", lambda settings, job: calls.append(job.job_id))
+    monkeypatch.setattr(cleanup_stage, "cleanup", lambda settings, job: calls.append(job.job_id))
     assert run(["--config", str(config_file), "cleanup"]) == 0
     assert calls == [4242]

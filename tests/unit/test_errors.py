@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from executor.errors import (
@@ -14,7 +12,6 @@ from executor.errors import (
     SystemFailure,
     describe,
     exit_code_for,
-    write_build_exit_code,
 )
 
 CUSTOM = {"BUILD_FAILURE_EXIT_CODE": "11", "SYSTEM_FAILURE_EXIT_CODE": "12"}
@@ -67,33 +64,6 @@ def test_build_failure_carries_its_status():
     assert exc.exit_status == 42 and "42" in str(exc)
     assert Interrupted("SIGINT").signal_name == "SIGINT"
     assert isinstance(Interrupted(), SystemFailure)
-
-
-_ATOI_FIRST_LINE = re.compile(r"[+-]?[0-9]+")  # Go strconv.Atoi: no spaces, no trailing junk
-
-
-@pytest.mark.parametrize("status", [0, 1, 42, 255, 137])
-def test_write_build_exit_code_writes_a_bare_integer_line(tmp_path, status):
-    path = tmp_path / "build_exit_code"
-    write_build_exit_code(status, {"BUILD_EXIT_CODE_FILE": str(path)})
-    data = path.read_bytes()
-    assert data == f"{status}\n".encode()
-    first_line = data.decode().split("\n")[0]
-    assert _ATOI_FIRST_LINE.fullmatch(first_line) and int(first_line) == status
-
-
-def test_write_build_exit_code_overwrites_a_stale_value(tmp_path):
-    path = tmp_path / "build_exit_code"
-    path.write_text("123456789\nleftover from an earlier stage\n")
-    write_build_exit_code(7, {"BUILD_EXIT_CODE_FILE": str(path)})
-    assert path.read_text() == "7\n"
-
-
-def test_write_build_exit_code_without_the_variable_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_build_exit_code(7, {})
-    write_build_exit_code(7, {"BUILD_EXIT_CODE_FILE": ""})
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_describe_is_one_line_and_flags_unexpected_errors():

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from executor import admin
-from executor.demo import served_repository
-from executor.settings import config_path, load_settings
+from executor.adapters.hostfiles import load_settings
+from executor.admin.demo import served_repository
+from executor.admin.listing import leftovers as host_leftovers
+from executor.core.settings import config_path
 
 LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
 
@@ -71,7 +72,7 @@ expiry_margin = {expiry_margin}
 
 [paths]
 state_dir = "{s.paths.state_dir}"
-console_log_dir = "{directory / 'console'}"
+console_log_dir = "{directory / "console"}"
 """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"
@@ -82,7 +83,7 @@ console_log_dir = "{directory / 'console'}"
 @pytest.fixture(scope="session")
 def leftovers():
     """A function returning what a test config's prefix still has on the host (empty: nothing)."""
-    return lambda config: admin.leftovers(load_settings(str(config)))
+    return lambda config: host_leftovers(load_settings(str(config)))
 
 
 @pytest.fixture(scope="session")

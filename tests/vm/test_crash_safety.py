@@ -11,6 +11,7 @@ IP reservations, lock files, per-job key directories, console logs and qemu proc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,11 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from executor import admin, naming
-from executor.domain_xml import build_raw_volume, parse_job_record
-from executor.hypervisor import connect
-from executor.jobstate import StateDir
-from executor.settings import Settings, load_settings
+from executor.adapters.hostfiles import load_settings
+from executor.adapters.hypervisor import connect
+from executor.adapters.statedir import StateDir
+from executor.admin.listing import leftovers as host_leftovers
+from executor.admin.reap import reap
+from executor.core import naming
+from executor.core.domain_xml import build_raw_volume, parse_job_record
+from executor.core.settings import Settings
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim, kill_group
 
@@ -48,7 +52,7 @@ def crash(host_settings, tmp_path_factory):
     config = write_test_config(host_settings, directory, PREFIX, expiry_margin=60)
     settings = load_settings(str(config))
     # Debris of an earlier, interrupted run of this module (other state dir, same prefix).
-    admin.reap(settings, older_than=0)
+    reap(settings, older_than=0)
     assert leftovers(settings) == {}, "leftovers of prefix lvxcrash before the first trial"
     yield config, settings
     if RESULTS:
@@ -72,7 +76,7 @@ def qemu_processes(vm_prefix: str) -> list[int]:
 
 def leftovers(settings: Settings) -> dict:
     """Everything of our prefix still on the host, qemu processes included (empty: no leak)."""
-    found = admin.leftovers(settings)
+    found = host_leftovers(settings)
     qemu = qemu_processes(settings.vm.name_prefix + "-")
     return {**found, "qemu_processes": qemu} if qemu else found
 
@@ -80,7 +84,10 @@ def leftovers(settings: Settings) -> dict:
 def executor(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "executor", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -130,10 +137,15 @@ EVENT_POINTS = [
     KillPoint("seed volume created", _exists(lambda s, vm: Path(s.libvirt.pool_path) / naming.seed_volume_name(vm))),
     # The window between creating the overlay and defining the domain is pure Python (no I/O):
     # poll without sleeping and kill at once; the trial records whether the domain had appeared.
-    KillPoint("overlay created, before define", _exists(lambda s, vm: Path(s.libvirt.pool_path) / naming.overlay_volume_name(vm))),
+    KillPoint(
+        "overlay created, before define",
+        _exists(lambda s, vm: Path(s.libvirt.pool_path) / naming.overlay_volume_name(vm)),
+    ),
     KillPoint("domain defined", _exists(lambda s, vm: QEMU_CONFIG_DIR / f"{vm}.xml")),
     KillPoint("domain started", _exists(_console)),
-    KillPoint("guest kernel printing", lambda s, vm, t: _console(s, vm).exists() and _console(s, vm).stat().st_size > 0, 400),
+    KillPoint(
+        "guest kernel printing", lambda s, vm, t: _console(s, vm).exists() and _console(s, vm).stat().st_size > 0, 400
+    ),
 ]
 TIME_POINTS = [after(t) for t in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0)]
 
@@ -149,8 +161,10 @@ def kill_prepare_at(sim: RunnerSim, settings: Settings, vm: str, point: KillPoin
             kill_group(proc, signal.SIGKILL)
             break
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            assert proc.returncode == 0, f"prepare exited {proc.returncode} before {point.name}:\n{err.decode()[-3000:]}"
+            _out, err = proc.communicate()
+            assert proc.returncode == 0, (
+                f"prepare exited {proc.returncode} before {point.name}:\n{err.decode()[-3000:]}"
+            )
             break  # a fast host finished prepare first: nothing to kill, cleanup still must work
         if elapsed > point.deadline:
             kill_group(proc, signal.SIGKILL)
@@ -175,8 +189,8 @@ def test_sigkill_prepare_then_cleanup_and_reap_leave_nothing(crash, tmp_path, po
 
     cleanup = sim.cleanup(timeout=120)
     assert cleanup.rc == 0, cleanup.describe()
-    reap = executor(config, "reap")
-    assert reap.returncode == 0, reap.stdout + reap.stderr
+    reaped = executor(config, "reap")
+    assert reaped.returncode == 0, reaped.stdout + reaped.stderr
     left = leftovers(settings)
     RESULTS.append(f"kill prepare at {point.name:<32} present after kill: {present:<60} leftovers: {left or 'none'}")
     assert left == {}
@@ -220,12 +234,20 @@ def test_runner_dies_during_prepare_reap_alone_cleans_up(crash, tmp_path, point,
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
         info = hv.domain(vm)
     if info is not None and info.active:  # a running VM of ours: kept until its expiry
-        assert set(left) <= {"domains", "volumes", "ip_reservations", "locks", "job_dirs", "console_logs", "qemu_processes"}
+        assert set(left) <= {
+            "domains",
+            "volumes",
+            "ip_reservations",
+            "locks",
+            "job_dirs",
+            "console_logs",
+            "qemu_processes",
+        }
         assert left["domains"] == [vm]
         record = parse_job_record(info.metadata)
-        assert admin.reap(settings, now=record.expires - 1).actions == []
+        assert reap(settings, now=record.expires - 1).actions == []
         assert leftovers(settings)["domains"] == [vm]
-        assert admin.reap(settings, now=record.expires).failures == []
+        assert reap(settings, now=record.expires).failures == []
         left = leftovers(settings)
     RESULTS.append(f"runner death at {point.name:<32} (no cleanup), reap: leftovers: {left or 'none'}")
     assert left == {}
@@ -266,15 +288,21 @@ def test_job_without_cleanup_is_reaped_after_expiry_and_not_before(crash, tmp_pa
         reap = executor(config, "reap")
         assert reap.returncode == 0 and vm not in reap.stdout, reap.stdout
         listing = json.loads(executor(config, "list", "--json").stdout)
-        assert [(v["name"], v["state"], v["expired"], v["busy"]) for v in listing["vms"]] == [(vm, "running", False, False)]
+        assert [(v["name"], v["state"], v["expired"], v["busy"]) for v in listing["vms"]] == [
+            (vm, "running", False, False)
+        ]
         assert listing["orphans"] == []
-        assert admin.reap(settings, now=record.expires - 1).actions == []
+        assert reap(settings, now=record.expires - 1).actions == []
         run = sim.run("echo still-$((6*7))")  # ...and the job still works
         assert run.rc == 0 and "still-42" in run.stdout, run.describe()
 
         # ...until its expiry has passed.
-        result = admin.reap(settings, now=record.expires)
-        assert result.failures == [] and len(result.actions) == 1 and result.actions[0].startswith(f"removed {vm} (expired")
+        result = reap(settings, now=record.expires)
+        assert (
+            result.failures == []
+            and len(result.actions) == 1
+            and result.actions[0].startswith(f"removed {vm} (expired")
+        )
         assert leftovers(settings) == {}
     finally:
         sim.cleanup(timeout=120)
@@ -296,27 +324,25 @@ def test_reap_ignores_a_domain_that_is_not_ours(crash):
     )
     conn = libvirt.open(settings.libvirt.uri)
     try:
-        dom = conn.defineXML(xml)
+        conn.defineXML(xml)
         with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
             hv.create_volume(settings.libvirt.pool, build_raw_volume(naming.overlay_volume_name(vm), 4096))
         for args in (("reap",), ("reap", "--older-than", "0s")):
             reap = executor(config, *args)
             assert reap.returncode == 0, reap.stdout + reap.stderr
-        assert admin.reap(settings, older_than=0, now=time.time() + 10**9).actions == []
+        assert reap(settings, older_than=0, now=time.time() + 10**9).actions == []
         left = leftovers(settings)
         assert left.get("domains") == [vm] and left.get("volumes") == [naming.overlay_volume_name(vm)]
         listing = executor(config, "list", "--json")
         assert vm not in listing.stdout  # not listed as ours either
         assert conn.lookupByName(vm) is not None
     finally:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             conn.lookupByName(vm).undefine()
-        except libvirt.libvirtError:
-            pass
-        try:
-            conn.storagePoolLookupByName(settings.libvirt.pool).storageVolLookupByName(naming.overlay_volume_name(vm)).delete(0)
-        except libvirt.libvirtError:
-            pass
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.storagePoolLookupByName(settings.libvirt.pool).storageVolLookupByName(
+                naming.overlay_volume_name(vm)
+            ).delete(0)
         conn.close()
     assert leftovers(settings) == {}
     RESULTS.append("domain and volume with our name but no metadata: untouched by reap")
@@ -381,7 +407,9 @@ def test_libvirtd_restart_during_a_job(crash, tmp_path):
         cleanup = sim.cleanup(timeout=120)
     assert cleanup.rc == 0, cleanup.describe()
     assert leftovers(settings) == {}
-    RESULTS.append("libvirtd restarted between prepare and run: run during outage -> system failure, after -> ok; leftovers: none")
+    RESULTS.append(
+        "libvirtd restarted between prepare and run: run during outage -> system failure, after -> ok; leftovers: none"
+    )
 
 
 def test_zz_requests_a_killed_prepare_left_in_libvirtd_are_reaped_too(crash):

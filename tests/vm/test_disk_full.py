@@ -12,9 +12,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from executor import naming
-from executor.domain_xml import build_dir_pool
-from executor.hypervisor import connect
+from executor.adapters.hypervisor import connect
+from executor.core import naming
+from executor.core.domain_xml import build_dir_pool
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim
 

@@ -6,24 +6,23 @@ order: the last ones kill the VM and clean up. Each test still asserts one behav
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from executor import naming
-from executor.domain_xml import parse_job_record
+from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
+from executor.adapters.hostfiles import load_settings
+from executor.adapters.keys import generate_ed25519
+from executor.adapters.statedir import StateDir
+from executor.core.domain_xml import parse_job_record
 from executor.errors import SystemFailure
-from executor.guest_ssh import GuestSSH, SSHNotReady
-from executor.jobstate import StateDir
-from executor.keys import generate_ed25519
-from executor.settings import load_settings
 from tests.vm.conftest import write_test_config
-from tests.vm.harness import RunnerSim, terminate_like_runner
+from tests.vm.harness import RunnerSim, read_until, terminate_like_runner
 
 pytestmark = pytest.mark.vm
 
@@ -70,7 +69,7 @@ def test_config_prints_only_json_with_vm_hostname(job):
 def test_prepare_succeeds_and_reports_timings(job):
     prepared = job["prepared"]
     assert prepared.rc == 0, prepared.describe()
-    line = [l for l in prepared.stdout.splitlines() if "ready at" in l]
+    line = [out for out in prepared.stdout.splitlines() if "ready at" in out]
     assert line, prepared.describe()
     for part in ("clone", "boot-to-ssh", "ssh-to-docker", "total"):
         assert part in line[0]
@@ -146,15 +145,13 @@ def test_no_secret_in_domain_xml_argv_or_logs(job):
     token = sim.variables["CI_JOB_TOKEN"]
     client_key = _client_key_path(job).read_text()
     key_body = "".join(client_key.strip().splitlines()[1:-1])
-    proc = sim.start_run("sleep 4")
-    time.sleep(2)
+    proc = sim.start_run("echo started; sleep 4")
+    read_until(proc, "started")  # the stage is streaming: its processes are all alive now
     cmdlines = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            try:
+            with contextlib.suppress(OSError):
                 cmdlines.append(Path("/proc", pid, "cmdline").read_bytes().decode("utf-8", "replace"))
-            except OSError:
-                pass
     result = sim.finish(proc, time.monotonic())
     assert result.rc == 0, result.describe()
     xml = _domain_xml(job["vm"])
@@ -192,7 +189,7 @@ def test_sigterm_stops_the_remote_process_group(job):
 def test_vm_killed_mid_job_is_a_system_failure(job):
     sim = job["sim"]
     proc = sim.start_run("echo started; sleep 600")
-    time.sleep(5)
+    read_until(proc, "started")
     conn = libvirt.open("qemu:///system")
     try:
         conn.lookupByName(job["vm"]).destroy()

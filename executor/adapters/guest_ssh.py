@@ -1,0 +1,213 @@
+"""The only module that imports paramiko: SSH into a job VM with the per-job keys.
+
+The VM's host key is pinned (RejectPolicy, no known_hosts read or written); no agent, no key
+files searched, no password, no forwarding. Everything the VM sends is treated as hostile:
+output is streamed in bounded chunks, never read to EOF into memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import paramiko
+
+from executor.core.waiting import Deadline
+from executor.errors import SystemFailure
+
+log = logging.getLogger(__name__)
+
+SSH_PORT = 22
+KEEPALIVE_S = 15
+_CHUNK = 32 * 1024
+_CAPTURE_LIMIT = 64 * 1024
+
+
+class SSHNotReady(SystemFailure):
+    """The VM did not (yet) accept our connection: worth retrying until the boot deadline."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.rc == 0
+
+
+def _host_key(line: str) -> paramiko.PKey:
+    parts = line.split()
+    if len(parts) < 2:
+        raise SystemFailure("pinned host key is malformed")
+    return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+
+
+def _client_key(private_openssh: str) -> paramiko.PKey:
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(private_openssh))
+
+
+class GuestSSH:
+    def __init__(self, client: paramiko.SSHClient) -> None:
+        self._client = client
+
+    @classmethod
+    def connect(
+        cls, ip: str, user: str, client_key: str, host_key: str, timeout: float, port: int = SSH_PORT
+    ) -> GuestSSH:
+        """One connection attempt. SSHNotReady for what a booting VM does (refused, reset,
+        banner or auth not yet there); SystemFailure for a wrong host key."""
+        client = paramiko.SSHClient()
+        pinned = _host_key(host_key)
+        # paramiko looks a non-22 port up as "[ip]:port"
+        client.get_host_keys().add(ip if port == SSH_PORT else f"[{ip}]:{port}", pinned.get_name(), pinned)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(
+                ip,
+                port=port,
+                username=user,
+                pkey=_client_key(client_key),
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                channel_timeout=timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException:
+            client.close()
+            raise SystemFailure(
+                f"{ip} presented a host key other than the one seeded for this job: refusing to talk to it"
+            ) from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            client.close()
+            raise SSHNotReady(f"ssh {user}@{ip}: {exc.__class__.__name__}: {exc}") from None
+        transport = client.get_transport()
+        if transport is None:
+            client.close()
+            raise SSHNotReady(f"ssh {user}@{ip}: no transport")
+        transport.set_keepalive(KEEPALIVE_S)
+        return cls(client)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> GuestSSH:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_channel(self, command: str, timeout: float) -> paramiko.Channel:
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SystemFailure("ssh connection to the VM is closed")
+        try:
+            chan = transport.open_session(timeout=timeout)
+            chan.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise SystemFailure(f"ssh: cannot start a command in the VM: {exc}") from None
+        return chan
+
+    def capture(self, command: str, timeout: float, stdin: bytes = b"") -> CommandResult:
+        """Run a short command of ours; output is capped, the whole call bounded by `timeout`."""
+        chan = self._open_channel(command, timeout)
+        out, err = bytearray(), bytearray()
+        deadline = Deadline(timeout)
+        try:
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            chan.settimeout(0.2)
+            while not (chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready()):
+                if deadline.expired():
+                    raise SystemFailure(f"ssh: command did not finish within {timeout:.0f} s")
+                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                _drain(chan, out, err)
+            _drain(chan, out, err)
+            rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise SystemFailure(f"ssh: connection lost: {exc}") from None
+        finally:
+            chan.close()
+        return CommandResult(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def stream(
+        self,
+        command: str,
+        stdin: bytes,
+        stdout: BinaryIO,
+        stderr: BinaryIO,
+        still_alive: Callable[[], bool],
+        check_every: float = 5.0,
+    ) -> int | None:
+        """Run `command` with `stdin`, copying its output live. Return its exit status, or None
+        if the remote process ended without one (killed by a signal).
+
+        SystemFailure if the connection drops or `still_alive()` says the VM is gone (or raises
+        SystemFailure itself, with the reason): a dead or frozen peer would otherwise only be
+        noticed after minutes of TCP retransmits, or never.
+        """
+        chan = self._open_channel(command, timeout=30)
+        transport = chan.get_transport()
+        last_check = time.monotonic()
+        try:
+            chan.sendall(stdin)
+            chan.shutdown_write()
+            while True:
+                moved = False
+                if chan.recv_ready():
+                    data = chan.recv(_CHUNK)
+                    stdout.write(data)
+                    stdout.flush()
+                    moved = True
+                if chan.recv_stderr_ready():
+                    data = chan.recv_stderr(_CHUNK)
+                    stderr.write(data)
+                    stderr.flush()
+                    moved = True
+                if moved:
+                    continue
+                if chan.exit_status_ready():
+                    return chan.recv_exit_status()
+                if chan.closed:
+                    return None
+                if not transport.is_active():
+                    raise SystemFailure("ssh connection to the VM was lost")
+                now = time.monotonic()
+                if now - last_check >= check_every:
+                    last_check = now
+                    if not still_alive():
+                        raise SystemFailure("the job's VM stopped while the script was running")
+                # Channel.fileno() becomes readable when data or EOF arrives.
+                select.select([chan], [], [], 0.5)
+        except (TimeoutError, OSError, EOFError, paramiko.SSHException) as exc:
+            raise SystemFailure(f"ssh connection to the VM was lost: {exc}") from None
+        finally:
+            chan.close()
+
+
+def _drain(chan: paramiko.Channel, out: bytearray, err: bytearray) -> None:
+    try:
+        while chan.recv_ready():
+            data = chan.recv(_CHUNK)
+            if len(out) < _CAPTURE_LIMIT:
+                out += data[: _CAPTURE_LIMIT - len(out)]
+        while chan.recv_stderr_ready():
+            data = chan.recv_stderr(_CHUNK)
+            if len(err) < _CAPTURE_LIMIT:
+                err += data[: _CAPTURE_LIMIT - len(err)]
+        if not chan.recv_ready() and not chan.recv_stderr_ready() and not chan.exit_status_ready():
+            select.select([chan], [], [], 0.2)
+    except TimeoutError:
+        pass

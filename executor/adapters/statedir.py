@@ -1,0 +1,231 @@
+"""Host-side state of jobs: per-job locks, IP reservations and the per-job SSH client key.
+
+Every stage is its own process, so anything a later stage (or a later `reap`) needs is on disk,
+keyed by the VM name:
+
+    <state_dir>/locks/<vm>.lock     flock held by prepare for its whole run (and by cleanup)
+    <state_dir>/leases/<ip>         an IP reservation; the file holds the VM name
+    <state_dir>/jobs/<vm>/client_key  the job's SSH client key (0600), for `run`
+    <state_dir>/alloc.lock          serialises IP allocation between concurrent prepares
+
+A lock that is held means "a stage is working on this VM right now": reap never touches it.
+The kernel drops flocks when a process dies, even by SIGKILL, so a crashed prepare never leaves
+a lock held.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import ipaddress
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from executor.core.waiting import Deadline, poll
+from executor.errors import SystemFailure
+
+CLIENT_KEY = "client_key"
+
+
+class StateDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.locks = self.root / "locks"
+        self.leases = self.root / "leases"
+        self.jobs = self.root / "jobs"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.locks, self.leases, self.jobs):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    # --- locks ---------------------------------------------------------------------------
+
+    def lock_path(self, vm: str) -> Path:
+        return self.locks / f"{vm}.lock"
+
+    def _open_locked(self, vm: str, wait: float | None) -> int | None:
+        """Open and flock the VM's lock file; None if busy (now, or for `wait` seconds).
+
+        Lock files are deleted by whoever holds them last, so after locking we check that the
+        file we hold is still the one at the path; if not, someone deleted it meanwhile and we
+        start again on the new file (the usual flock-and-unlink dance).
+        """
+        path = self.lock_path(vm)
+        deadline = Deadline(wait or 0.0)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if not poll(functools.partial(_try_flock, fd), deadline.remaining(), interval=0.2, max_interval=0.2):
+                    os.close(fd)
+                    return None
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)
+
+    @contextmanager
+    def job_lock(self, vm: str, timeout: float) -> Iterator[None]:
+        """Hold the VM's lock, waiting at most `timeout` seconds for another stage to let go."""
+        self.ensure()
+        fd = self._open_locked(vm, timeout)
+        if fd is None:
+            raise SystemFailure(f"another executor process has held the lock of {vm} for more than {timeout:.0f} s")
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def lock_if_free(self, vm: str) -> Iterator[bool]:
+        """Non-blocking: True (and the lock held) if no stage is working on `vm`. For reap."""
+        self.ensure()
+        fd = self._open_locked(vm, None)
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def lock_held(self, vm: str) -> bool:
+        """Whether a live process holds the VM's lock right now (never creates a lock file)."""
+        try:
+            fd = os.open(self.lock_path(vm), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock at once
+        return False
+
+    def remove_lock_file(self, vm: str) -> None:
+        """Remove the VM's lock file; call only while holding the lock, as the last step."""
+        _unlink(self.lock_path(vm))
+
+    def locked_vms(self) -> list[str]:
+        """VM names that have a lock file (held or not)."""
+        if not self.locks.is_dir():
+            return []
+        return sorted(p.name[: -len(".lock")] for p in self.locks.glob("*.lock"))
+
+    # --- IP reservations -----------------------------------------------------------------
+
+    def allocate_ip(self, vm: str, candidates: Iterable[ipaddress.IPv4Address]) -> str:
+        """Reserve the first free address for `vm` (or return the one it already has)."""
+        self.ensure()
+        with open(self.root / "alloc.lock", "a") as alloc:
+            fcntl.flock(alloc, fcntl.LOCK_EX)
+            taken = self.reservations()
+            for ip, owner in taken.items():
+                if owner == vm:
+                    return ip
+            for candidate in candidates:
+                ip = str(candidate)
+                if ip in taken:
+                    continue
+                try:
+                    fd = os.open(self.leases / ip, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    f.write(vm + "\n")
+                return ip
+        raise SystemFailure(
+            "no free IP address left in the VM subnet (too many concurrent jobs, or run `libvirt-executor reap`)"
+        )
+
+    def reservations(self) -> dict[str, str]:
+        """ip -> VM name, for every reservation on disk."""
+        result: dict[str, str] = {}
+        if not self.leases.is_dir():
+            return result
+        for p in self.leases.iterdir():
+            try:
+                result[p.name] = p.read_text().strip()
+            except FileNotFoundError:
+                continue
+        return result
+
+    def release_unowned_ips(self) -> list[str]:
+        """Remove reservations naming no VM. `allocate_ip` creates the file and then writes the
+        owner, so a prepare SIGKILLed in between leaves an empty one that no cleanup can match;
+        under the allocation lock no allocation is half-way, so an empty one is debris."""
+        if not self.leases.is_dir():
+            return []
+        released = []
+        with open(self.root / "alloc.lock", "a") as alloc:
+            fcntl.flock(alloc, fcntl.LOCK_EX)
+            for ip, owner in self.reservations().items():
+                if not owner:
+                    _unlink(self.leases / ip)
+                    released.append(ip)
+        return sorted(released)
+
+    def release_ip(self, vm: str) -> list[str]:
+        released = []
+        for ip, owner in self.reservations().items():
+            if owner == vm:
+                _unlink(self.leases / ip)
+                released.append(ip)
+        return released
+
+    # --- per-job files -------------------------------------------------------------------
+
+    def job_dir(self, vm: str) -> Path:
+        return self.jobs / vm
+
+    def write_client_key(self, vm: str, private_key: str) -> None:
+        self.ensure()  # mkdir(parents=True) alone would make the state dirs 0755
+        d = self.job_dir(vm)
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        fd = os.open(d / CLIENT_KEY, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
+        with os.fdopen(fd, "w") as f:
+            f.write(private_key)
+
+    def read_client_key(self, vm: str) -> str:
+        try:
+            return (self.job_dir(vm) / CLIENT_KEY).read_text()
+        except FileNotFoundError:
+            raise SystemFailure(f"no SSH key for {vm}: was prepare run for this job?") from None
+
+    def remove_job_dir(self, vm: str) -> bool:
+        d = self.job_dir(vm)
+        if not d.exists():
+            return False
+        shutil.rmtree(d)
+        return True
+
+    def job_dir_vms(self) -> list[str]:
+        return sorted(p.name for p in self.jobs.iterdir()) if self.jobs.is_dir() else []
+
+
+def _try_flock(fd: int) -> bool | None:
+    """Take the exclusive flock on `fd` if it is free; None if another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,278 @@
+"""`libvirt-executor doctor`: check the host, one line per check with the fix."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from executor.adapters import hostinfo
+from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
+from executor.adapters.hypervisor import Hypervisor, connect
+from executor.core import accel, naming
+from executor.core.jobenv import Job
+from executor.core.jsonvalues import object_at
+from executor.core.settings import GIB, Settings
+from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
+from executor.jobvm.accel import choose_accel
+from executor.stages.cleanup import cleanup
+from executor.stages.prepare import prepare
+
+MIN_HOST_FREE = 256 * 1024**2  # state and console-log filesystems
+PROBE_JOB_ID_BASE = 999_999_999_000_000_000  # doctor --boot's VM: far above any real job id
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None  # None: skipped, because something it needs failed
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        status = {True: "ok  ", False: "FAIL", None: "skip"}[self.ok]
+        text = f"{status}  {self.name:<13} {self.detail}"
+        if self.fix and self.ok is False:
+            text += f"  -> fix: {self.fix}"
+        return text
+
+
+def _check_image(settings: Settings) -> Check:
+    fix = "libvirt-executor image build"
+    try:
+        image = load_base_image(settings.image.dir)
+    except ConfigError as exc:
+        return Check("base image", False, str(exc), fix)
+    problems = []
+    sizes = object_at(image.manifest, "sizes")
+    for path, key in ((image.disk, "disk_bytes"), (image.kernel, "kernel_bytes"), (image.initrd, "initrd_bytes")):
+        want = sizes.get(key)
+        have = path.stat().st_size
+        if isinstance(want, int) and want != have:
+            problems.append(f"{path.name} is {have} bytes, the manifest says {want}")
+    try:
+        virtual, backed = qcow2_header(image.disk)
+        if backed:
+            problems.append(f"{image.disk.name} has a backing file (the base must be self-contained)")
+        if image.virtual_bytes and virtual != image.virtual_bytes:
+            problems.append(f"{image.disk.name} has virtual size {virtual}, the manifest says {image.virtual_bytes}")
+    except (OSError, ValueError) as exc:
+        problems.append(str(exc))
+    if problems:
+        return Check("base image", False, f"{image.dir} does not match its manifest: " + "; ".join(problems), fix)
+    built = image.manifest.get("built_at", "?")
+    return Check(
+        "base image",
+        True,
+        f"{image.dir} matches its manifest (kernel {image.manifest.get('kernel_version', '?')}, built {built})",
+    )
+
+
+def _check_mirror(url: str) -> Check:
+    probe = url.rstrip("/") + "/v2/"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the mirror is local
+    try:
+        with opener.open(probe, timeout=5) as resp:
+            return Check("mirror", True, f"{url} answers (HTTP {resp.status} on /v2/)")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:  # a registry asking for auth is up
+            return Check("mirror", True, f"{url} answers (HTTP 401 on /v2/)")
+        return Check(
+            "mirror",
+            False,
+            f"{url}: HTTP {exc.code} on /v2/, not a registry API",
+            "point docker.registry_mirrors at a registry (distribution proxy cache)",
+        )
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return Check(
+            "mirror",
+            False,
+            f"{url} unreachable: {reason}",
+            "start the mirror, or remove it from docker.registry_mirrors",
+        )
+
+
+def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None] | None = None) -> list[Check]:
+    """Check the host. Every check reports pass/fail with the fix; `out` gets each as it ends."""
+    checks: list[Check] = []
+
+    def add(check: Check) -> Check:
+        checks.append(check)
+        if out is not None:
+            out(check)
+        return check
+
+    try:
+        settings = load_settings(config_file)
+        add(Check("config", True, f"{config_file} is valid"))
+    except ConfigError as exc:
+        add(
+            Check(
+                "config",
+                False,
+                " ".join(str(exc).split()),
+                f"edit {config_file} (see config.example.toml), or run libvirt-executor setup",
+            )
+        )
+        for name in ("libvirt", "accelerator", "storage pool", "disk space", "network", "base image", "state dirs"):
+            add(Check(name, None, "needs a valid config"))
+        return checks
+
+    add(_check_state_dirs(settings))
+    libvirt_ok = False
+    try:
+        with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+            _libvirt_checks(settings, hv, add)
+            libvirt_ok = True
+    except SystemFailure as exc:
+        if any(c.name == "libvirt" for c in checks):
+            add(Check("libvirt", False, f"failed during the checks: {exc}", "check libvirtd's log"))
+        else:
+            add(Check("libvirt", False, str(exc), "start libvirtd (no systemd: `virtlogd -d; libvirtd -d`)"))
+            for name in ("accelerator", "storage pool", "disk space", "network"):
+                add(Check(name, None, "needs libvirt"))
+    image = add(_check_image(settings))
+    for mirror in settings.docker.registry_mirrors:
+        add(_check_mirror(mirror))
+    if boot:
+        if not libvirt_ok or not image.ok or any(c.ok is False for c in checks):
+            add(Check("boot", None, "a probe VM needs every check above to pass"))
+        else:
+            add(_boot_probe(settings))
+    return checks
+
+
+def _check_state_dirs(settings: Settings) -> Check:
+    problems = []
+    for directory in (settings.paths.state_dir, settings.paths.console_log_dir):
+        path = Path(directory)
+        if not path.is_dir():
+            problems.append(f"{path} is missing")
+            continue
+        if hostinfo.free_bytes(str(path)) < MIN_HOST_FREE:
+            problems.append(f"{path} has less than {MIN_HOST_FREE // 2**20} MiB free")
+    mode = Path(settings.paths.state_dir).stat().st_mode & 0o777 if Path(settings.paths.state_dir).is_dir() else 0o700
+    if mode & 0o077:
+        problems.append(f"{settings.paths.state_dir} is mode {mode:o}, must be 0700 (it holds SSH keys)")
+    if problems:
+        return Check("state dirs", False, "; ".join(problems), "libvirt-executor setup (and chmod 700 the state dir)")
+    return Check("state dirs", True, f"{settings.paths.state_dir} and {settings.paths.console_log_dir} present")
+
+
+def _libvirt_checks(settings: Settings, hv: Hypervisor, add: Callable[[Check], Check]) -> None:
+    domains = hv.domains()
+    add(Check("libvirt", True, f"connected to {settings.libvirt.uri} ({len(domains)} domains)"))
+    add(_check_accel(settings, hv))
+    kvm_device = _check_kvm_device()
+    if kvm_device is not None:
+        add(kvm_device)
+    for check in _check_pool(settings, hv):
+        add(check)
+    add(_check_network(settings, hv))
+
+
+def _check_accel(settings: Settings, hv: Hypervisor) -> Check:
+    try:
+        choice = choose_accel(settings, hv)
+    except ConfigError as exc:
+        return Check("accelerator", False, str(exc), 'load the kvm module, or set libvirt.accel = "auto" or "tcg"')
+    if choice.accel == "kvm":
+        return Check("accelerator", True, f"KVM ({choice.reason})")
+    return Check("accelerator", True, f"TCG, software emulation, boots ~10x slower: {choice.reason}")
+
+
+def _check_pool(settings: Settings, hv: Hypervisor) -> list[Check]:
+    pool = settings.libvirt.pool
+    try:
+        free = hv.pool_free_bytes(pool)
+    except (ConfigError, SystemFailure) as exc:
+        return [
+            Check("storage pool", False, str(exc), "libvirt-executor setup"),
+            Check("disk space", None, "needs the storage pool"),
+        ]
+    active = Check("storage pool", True, f"{pool} active at {settings.libvirt.pool_path}")
+    disk = settings.vm.disk_gib
+    if free >= disk * GIB:
+        return [
+            active,
+            Check("disk space", True, f"{free / GIB:.1f} GiB free in pool {pool} (one job may use {disk} GiB)"),
+        ]
+    return [
+        active,
+        Check(
+            "disk space",
+            False,
+            f"{free / GIB:.1f} GiB free in pool {pool}, less than one job's disk ({disk} GiB)",
+            "free space on the pool's filesystem (`libvirt-executor reap`), or lower vm.disk_gib",
+        ),
+    ]
+
+
+def _check_network(settings: Settings, hv: Hypervisor) -> Check:
+    network, nwfilter = settings.libvirt.network, settings.libvirt.nwfilter
+    active = hv.network_active(network)
+    if active is None:
+        return Check("network", False, f"network {network} does not exist", "libvirt-executor setup")
+    if not active:
+        return Check(
+            "network",
+            False,
+            f"network {network} is not active",
+            f"virsh net-start {network} (or libvirt-executor setup)",
+        )
+    if nwfilter and not hv.nwfilter_exists(nwfilter):
+        return Check(
+            "network",
+            False,
+            f"nwfilter {nwfilter} does not exist",
+            'install libvirt\'s shipped nwfilters, or set libvirt.nwfilter = "" (not recommended)',
+        )
+    filt = f", nwfilter {nwfilter}" if nwfilter else ", no nwfilter"
+    return Check("network", True, f"{network} active ({settings.libvirt.subnet}{filt})")
+
+
+def _check_kvm_device(path: str = hostinfo.KVM_DEVICE) -> Check | None:
+    device = hostinfo.kvm_device(path)
+    if device is None:
+        return None  # no KVM at all: the accelerator check says so
+    mode = device.mode & 0o777
+    problem = accel.kvm_device_problem(device.mode, device.group)
+    if problem is None:
+        return Check("kvm device", True, f"{path} is {device.group}:{mode:04o}")
+    return Check(
+        "kvm device",
+        False,
+        problem,
+        f"chgrp kvm {path} && chmod 0660 {path} (what udev does; scripts/setup.sh does it)",
+    )
+
+
+def _boot_probe(settings: Settings) -> Check:
+    """Boot one VM through prepare (SSH and dockerd answering), then clean it up."""
+    job = Job(
+        job_id=PROBE_JOB_ID_BASE + os.getpid() % 1_000_000,
+        project_id=None,
+        project="doctor-probe",
+        pipeline_id=None,
+        runner_id=None,
+        timeout_s=900,
+    )
+    lines: list[str] = []
+    started = time.monotonic()
+    ok, detail = False, "probe VM did not finish"
+    try:
+        prepare(settings, job, out=lines.append)
+        ok, detail = True, (lines[-1] if lines else "probe VM ready")
+    except Exception as exc:  # an unexpected error is a failed check too, never a crash of doctor
+        detail = f"probe VM failed after {time.monotonic() - started:.0f} s: {describe(exc)}"
+    finally:
+        try:
+            cleanup(settings, job)
+        except ExecutorError as exc:
+            ok, detail = False, f"{detail}; and its cleanup failed: {exc}"
+    return Check("boot", ok, detail, "" if ok else "run with --debug; see the console log tail above")

@@ -1,0 +1,184 @@
+"""`libvirt-executor list`, and the inventory of the host that `list` and `reap` both read.
+
+`inventory` reads the host through the adapters (libvirt, the state directory, the console-log
+directory); `core.reaping` decides what is ours, what is expired and what is orphaned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from executor.adapters.hostfiles import console_log_vms
+from executor.adapters.hypervisor import Hypervisor, connect
+from executor.adapters.statedir import StateDir
+from executor.core import naming, reaping
+from executor.core.domain_xml import parse_job_record
+from executor.core.settings import Settings
+from executor.core.text import printable
+
+
+def inventory(
+    settings: Settings,
+    hv: Hypervisor | None = None,
+    state: StateDir | None = None,
+    *,
+    only: str | None = None,
+    probe_locks: bool = True,
+) -> reaping.Inventory:
+    """Everything on this host that could be ours. `only`: read just that VM's domain (reap's
+    re-check under the VM's lock). `probe_locks=False` when the caller holds the lock itself."""
+    if hv is None:
+        with connect(settings.libvirt.uri, naming.METADATA_NS) as conn:
+            return inventory(settings, conn, state, only=only, probe_locks=probe_locks)
+    state = state or StateDir(settings.paths.state_dir)
+    if only is None:
+        infos = hv.domains()
+    else:
+        info = hv.domain(only)
+        infos = [info] if info is not None else []
+    domains = tuple(
+        reaping.DomainEntry(i.name, i.state, parse_job_record(i.metadata) if i.metadata else None) for i in infos
+    )
+    lock_files = tuple(state.locked_vms())
+    locked = frozenset(vm for vm in lock_files if probe_locks and state.lock_held(vm))
+    return reaping.Inventory(
+        prefix=settings.vm.name_prefix,
+        domains=domains,
+        volumes=tuple(hv.volume_names(settings.libvirt.pool)),
+        reservations=state.reservations(),
+        lock_files=lock_files,
+        job_dirs=tuple(state.job_dir_vms()),
+        console_logs=tuple(console_log_vms(settings)),
+        locked=locked,
+    )
+
+
+def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]:
+    """Everything of this prefix (or of one VM) still on the host, per resource class, counted
+    from the raw inventory rather than the reaper's rules. Empty means nothing is left."""
+    inv = inventory(settings)
+    if vm is None:
+
+        def mine(name: str) -> bool:
+            return reaping.is_our_name(inv.prefix, name)
+    else:
+
+        def mine(name: str) -> bool:
+            return name == vm
+
+    found = {
+        "domains": [d.name for d in inv.domains if mine(d.name)],
+        "volumes": [v for v in inv.volumes if mine(naming.vm_of_volume(inv.prefix, v) or "")],
+        "ip_reservations": [ip for ip, owner in inv.reservations.items() if mine(owner)],
+        "locks": [v for v in inv.lock_files if mine(v)],
+        "job_dirs": [v for v in inv.job_dirs if mine(v)],
+        "console_logs": [v for v in inv.console_logs if mine(v)],
+    }
+    return {k: sorted(v) for k, v in found.items() if v}
+
+
+def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
+    """Our VMs and orphaned pieces, as the stable structure `list --json` prints."""
+    now = int(time.time() if now is None else now)
+    inv = inventory(settings)
+    vms = []
+    for d in reaping.our_domains(inv):
+        r = d.record
+        assert r is not None
+        vms.append(
+            {
+                "name": d.name,
+                "job_id": r.job_id,
+                "project_id": r.project_id,
+                "project": r.project,
+                "pipeline_id": r.pipeline_id,
+                "runner_id": r.runner_id,
+                "state": d.state,
+                "ip": r.ip,
+                "accel": r.accel,
+                "created": r.created,
+                "expires": r.expires,
+                "age_s": now - r.created,
+                "expires_in_s": r.expires - now,
+                "expired": r.expires <= now,
+                "busy": d.name in inv.locked,
+            }
+        )
+    orphans = [
+        {
+            "vm": vm,
+            "volumes": list(p.volumes),
+            "ip_reservations": list(p.ips),
+            "lock_file": p.lock_file,
+            "job_dir": p.job_dir,
+            "console_log": p.console_log,
+            "busy": vm in inv.locked,
+        }
+        for vm, p in reaping.orphans(inv).items()
+    ]
+    unowned = sorted(ip for ip, owner in inv.reservations.items() if not owner)
+    return {
+        "format": 1,
+        "prefix": settings.vm.name_prefix,
+        "now": now,
+        "vms": vms,
+        "orphans": orphans,
+        "unowned_ip_reservations": unowned,
+    }
+
+
+def format_json(listing: dict[str, Any]) -> str:
+    return json.dumps(listing, indent=2, sort_keys=True)
+
+
+def _clean(text: object) -> str:
+    return printable(str(text), "?") if text is not None else "-"
+
+
+def format_table(listing: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if listing["vms"]:
+        header = ("NAME", "JOB", "PROJECT", "STATE", "IP", "AGE", "EXPIRES", "ACCEL")
+        rows = [header]
+        for vm in listing["vms"]:
+            left = vm["expires_in_s"]
+            expiry = f"in {reaping.format_duration(left)}" if left > 0 else f"{reaping.format_duration(left)} ago (due)"
+            state = vm["state"] + (" (busy)" if vm["busy"] else "")
+            rows.append(
+                (
+                    vm["name"],
+                    str(vm["job_id"]),
+                    _clean(vm["project"] or (f"#{vm['project_id']}" if vm["project_id"] else "-"))[:40],
+                    state,
+                    _clean(vm["ip"] or "-"),
+                    reaping.format_duration(vm["age_s"]),
+                    expiry,
+                    _clean(vm["accel"] or "-"),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+    else:
+        lines.append(f"no VMs of this executor (prefix {listing['prefix']!r})")
+    if listing["orphans"]:
+        lines.append("")
+        lines.append("pieces without a domain (`reap` removes them; busy = a stage is working on it now):")
+        for o in listing["orphans"]:
+            parts = [f"volume {v}" for v in o["volumes"]] + [f"IP {ip}" for ip in o["ip_reservations"]]
+            parts += [
+                what
+                for what, present in (
+                    ("job dir", o["job_dir"]),
+                    ("console log", o["console_log"]),
+                    ("lock file", o["lock_file"]),
+                )
+                if present
+            ]
+            lines.append(f"  {o['vm']}{' (busy)' if o['busy'] else ''}: {', '.join(parts)}")
+    if listing["unowned_ip_reservations"]:
+        lines.append("")
+        lines.append("IP reservations without an owner: " + ", ".join(listing["unowned_ip_reservations"]))
+    return "\n".join(lines)

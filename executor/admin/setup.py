@@ -1,0 +1,60 @@
+"""`libvirt-executor setup`: what the executor needs on this host, made idempotently."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+from pathlib import Path
+
+from executor.adapters.hostfiles import load_settings
+from executor.adapters.hypervisor import connect
+from executor.adapters.statedir import StateDir
+from executor.core import naming
+from executor.core.domain_xml import build_dir_pool, build_nat_network
+from executor.errors import ConfigError
+
+SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example.toml"
+
+
+def setup_host(config_file: str, example: str | None = None) -> list[str]:
+    """Create the config (if missing), directories, storage pool and network. Idempotent:
+    returns what it changed, an empty list when the host was already set up."""
+    changes: list[str] = []
+    config = Path(config_file)
+    if not config.exists():
+        template = Path(example) if example else SOURCE_EXAMPLE
+        if not template.is_file():
+            raise ConfigError(f"{config} does not exist and no template found at {template} (pass --example)")
+        config.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        shutil.copyfile(template, config)
+        os.chmod(config, 0o644)
+        changes.append(f"wrote {config} from {template}")
+    settings = load_settings(str(config))
+
+    for directory, mode in (
+        (settings.paths.state_dir, 0o700),
+        (settings.paths.console_log_dir, 0o700),
+        (settings.image.dir, 0o755),
+    ):
+        path = Path(directory)
+        if not path.is_dir():
+            path.mkdir(mode=mode, parents=True)
+            changes.append(f"created {path}")
+    StateDir(settings.paths.state_dir).ensure()
+
+    net = settings.network
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+        if hv.ensure_pool(settings.libvirt.pool, build_dir_pool(settings.libvirt.pool, settings.libvirt.pool_path)):
+            changes.append(f"storage pool {settings.libvirt.pool} at {settings.libvirt.pool_path} defined and started")
+        network_xml = build_nat_network(
+            settings.libvirt.network,
+            settings.libvirt.bridge,
+            str(settings.gateway),
+            str(ipaddress.IPv4Network(net).netmask),
+        )
+        if hv.ensure_network(settings.libvirt.network, network_xml):
+            changes.append(
+                f"network {settings.libvirt.network} ({net}, bridge {settings.libvirt.bridge}) defined and started"
+            )
+    return changes

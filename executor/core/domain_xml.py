@@ -1,0 +1,251 @@
+"""libvirt XML for domains, volumes, the pool and the network: pure functions over ElementTree.
+
+ElementTree escapes every text and attribute value, so job-derived strings (project path) cannot
+inject XML. Nothing secret ever goes into these documents: the domain XML is readable by any
+local user through libvirt's read-only socket.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from executor.core.naming import METADATA_KEY, METADATA_NS
+
+ET.register_namespace(METADATA_KEY, METADATA_NS)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What a domain's metadata says about its job: enough for list, cleanup and reap."""
+
+    vm: str
+    job_id: int
+    project_id: int | None
+    project: str
+    pipeline_id: int | None
+    runner_id: int | None
+    created: int  # Unix seconds
+    expires: int  # Unix seconds: after this, reap may destroy the VM
+    ip: str
+    accel: str  # "kvm" or "tcg"
+    host_key: str  # the VM's public SSH host key line, pinned by `run`
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    memory_mib: int
+    vcpus: int
+    kernel: str
+    initrd: str
+    cmdline: str
+    overlay_path: str
+    seed_path: str
+    network: str
+    mac: str
+    ip: str
+    console_log: str
+    record: JobRecord
+    domain_type: str = "qemu"  # "qemu" is TCG, "kvm" hardware; "test" for libvirt's test driver
+    arch: str = "x86_64"
+    machine: str | None = "q35"
+    nwfilter: str = ""  # e.g. "clean-traffic"; empty for none
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()})
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _to_string(root: ET.Element) -> str:
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def build_metadata(record: JobRecord) -> ET.Element:
+    q = f"{{{METADATA_NS}}}"
+    job = ET.Element(q + "job")
+    for tag, value in (
+        ("vm", record.vm),
+        ("job-id", str(record.job_id)),
+        ("project-id", _opt(record.project_id)),
+        ("project", record.project),
+        ("pipeline-id", _opt(record.pipeline_id)),
+        ("runner-id", _opt(record.runner_id)),
+        ("created", str(record.created)),
+        ("expires", str(record.expires)),
+        ("ip", record.ip),
+        ("accel", record.accel),
+        ("host-key", record.host_key),
+    ):
+        _sub(job, q + tag, value)
+    return job
+
+
+def metadata_xml(record: JobRecord) -> str:
+    return _to_string(build_metadata(record))
+
+
+def build_domain(spec: VMSpec) -> str:
+    dom = ET.Element("domain", type=spec.domain_type)
+    _sub(dom, "name", spec.name)
+    _sub(dom, "title", f"GitLab job {spec.record.job_id}")
+    meta = _sub(dom, "metadata")
+    meta.append(build_metadata(spec.record))
+    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+
+    os_el = _sub(dom, "os")
+    type_attrs = {"arch": spec.arch}
+    if spec.machine:
+        type_attrs["machine"] = spec.machine
+    _sub(os_el, "type", "hvm", **type_attrs)
+    # Direct kernel boot: no bootloader, no firmware menu, no boot-order probing.
+    _sub(os_el, "kernel", spec.kernel)
+    _sub(os_el, "initrd", spec.initrd)
+    _sub(os_el, "cmdline", spec.cmdline)
+
+    features = _sub(dom, "features")
+    _sub(features, "acpi")
+    if spec.domain_type == "kvm":
+        _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="off")
+    _sub(dom, "clock", offset="utc")
+    # A job may reboot or crash its VM; either ends it. Never restart a job VM.
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "destroy")
+    _sub(dom, "on_crash", "destroy")
+
+    _add_devices(_sub(dom, "devices"), spec)
+    return _to_string(dom)
+
+
+def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
+    disk = _sub(devices, "disk", type="file", device="disk")
+    # cache=unsafe: the overlay is thrown away with the VM, so flushes buy nothing.
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    _sub(disk, "source", file=spec.overlay_path)
+    _sub(disk, "target", dev="vda", bus="virtio")
+
+    seed = _sub(devices, "disk", type="file", device="disk")
+    _sub(seed, "driver", name="qemu", type="raw")
+    _sub(seed, "source", file=spec.seed_path)
+    _sub(seed, "target", dev="vdb", bus="virtio")
+    _sub(seed, "readonly")
+
+    iface = _sub(devices, "interface", type="network")
+    _sub(iface, "source", network=spec.network)
+    _sub(iface, "mac", address=spec.mac)
+    _sub(iface, "model", type="virtio")
+    if spec.nwfilter:
+        # Pin the VM to its assigned address: no IP/MAC/ARP spoofing of other jobs' VMs.
+        ref = _sub(iface, "filterref", filter=spec.nwfilter)
+        _sub(ref, "parameter", name="IP", value=spec.ip)
+        _sub(ref, "parameter", name="CTRL_IP_LEARNING", value="none")
+    # Isolated ports cannot talk to each other, only to the bridge (host) and beyond.
+    _sub(iface, "port", isolated="yes")
+
+    serial = _sub(devices, "serial", type="pty")
+    _sub(serial, "log", file=spec.console_log, append="off")
+    _sub(serial, "target", port="0")
+    _sub(devices, "console", type="pty")
+
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    # libvirt adds a USB controller and a balloon unless told not to: less device surface.
+    _sub(devices, "controller", type="usb", model="none")
+    _sub(devices, "memballoon", model="none")
+
+
+def build_overlay_volume(name: str, backing_path: str, capacity_bytes: int) -> str:
+    vol = ET.Element("volume", type="file")
+    _sub(vol, "name", name)
+    _sub(vol, "capacity", str(capacity_bytes), unit="bytes")
+    target = _sub(vol, "target")
+    _sub(target, "format", type="qcow2")
+    perms = _sub(target, "permissions")
+    _sub(perms, "mode", "0600")
+    backing = _sub(vol, "backingStore")
+    _sub(backing, "path", backing_path)
+    # Always name the backing format: probing it lets a guest forge a qcow2 header.
+    _sub(backing, "format", type="qcow2")
+    return _to_string(vol)
+
+
+def build_raw_volume(name: str, capacity_bytes: int) -> str:
+    vol = ET.Element("volume", type="file")
+    _sub(vol, "name", name)
+    _sub(vol, "capacity", str(capacity_bytes), unit="bytes")
+    _sub(vol, "allocation", str(capacity_bytes), unit="bytes")
+    target = _sub(vol, "target")
+    _sub(target, "format", type="raw")
+    perms = _sub(target, "permissions")
+    _sub(perms, "mode", "0600")
+    return _to_string(vol)
+
+
+def build_dir_pool(name: str, path: str) -> str:
+    pool = ET.Element("pool", type="dir")
+    _sub(pool, "name", name)
+    target = _sub(pool, "target")
+    _sub(target, "path", path)
+    perms = _sub(target, "permissions")
+    _sub(perms, "mode", "0711")
+    return _to_string(pool)
+
+
+def build_nat_network(name: str, bridge: str, gateway: str, netmask: str) -> str:
+    """A NAT network without DHCP: the executor assigns every VM's address itself."""
+    net = ET.Element("network")
+    _sub(net, "name", name)
+    _sub(net, "forward", mode="nat")
+    _sub(net, "bridge", name=bridge, stp="off", delay="0")
+    _sub(net, "ip", address=gateway, netmask=netmask)
+    return _to_string(net)
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.isascii() and text.isdigit() else None
+
+
+def parse_job_record(xml_text: str) -> JobRecord | None:
+    """Read our metadata element (alone, or inside a whole domain XML); None if absent or malformed."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return None
+    q = f"{{{METADATA_NS}}}"
+    if root.tag == "job":  # virDomainGetMetadata returns the element without its namespace
+        q = ""
+    job = root if root.tag == q + "job" else root.find(f"./metadata/{q}job")
+    if job is None:
+        return None
+
+    def text(tag: str) -> str:
+        el = job.find(q + tag)
+        return (el.text or "").strip() if el is not None else ""
+
+    job_id = _int_or_none(text("job-id"))
+    created = _int_or_none(text("created"))
+    expires = _int_or_none(text("expires"))
+    if not text("vm") or job_id is None or created is None or expires is None:
+        return None
+    return JobRecord(
+        vm=text("vm"),
+        job_id=job_id,
+        project_id=_int_or_none(text("project-id")),
+        project=text("project"),
+        pipeline_id=_int_or_none(text("pipeline-id")),
+        runner_id=_int_or_none(text("runner-id")),
+        created=created,
+        expires=expires,
+        ip=text("ip"),
+        accel=text("accel"),
+        host_key=text("host-key"),
+    )

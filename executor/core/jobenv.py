@@ -1,0 +1,92 @@
+"""The job as gitlab-runner describes it: identity from the payload, never from CUSTOM_ENV_*.
+
+`JOB_RESPONSE_FILE` is the job payload exactly as GitLab sent it. A job can set any variable it
+likes, including `CI_JOB_ID`, and gitlab-runner keeps the last duplicate, so a
+`CUSTOM_ENV_CI_JOB_ID` can point at another job's VM. The payload's top-level `id` cannot be
+forged by the job. The payload also holds the job token and other secrets: only the few fields
+below are kept, the rest is dropped as soon as it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from executor.core.jsonvalues import object_at
+from executor.errors import JobError
+
+JOB_RESPONSE_FILE = "JOB_RESPONSE_FILE"
+DEFAULT_JOB_TIMEOUT_S = 3600
+
+_SAFE_TEXT = re.compile(r"[^A-Za-z0-9_./@:+ -]")
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    project_id: int | None
+    project: str  # project path, for display only, sanitized
+    pipeline_id: int | None
+    runner_id: int | None
+    timeout_s: int
+
+
+def _safe_text(value: Any, limit: int = 200) -> str:
+    """Job-controlled text reduced to a harmless printable form for metadata and logs."""
+    return _SAFE_TEXT.sub("_", str(value))[:limit] if value is not None else ""
+
+
+def _positive_int(value: Any) -> int | None:
+    """A positive integer of at most 18 digits (what naming.job_id_of recognises), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < len(value) <= 18:
+        value = int(value)
+    if isinstance(value, int) and 0 < value < 10**18:
+        return value
+    return None
+
+
+def _first_variable(variables: Any, key: str) -> Any:
+    """The first occurrence wins: GitLab lists predefined variables before user ones."""
+    if not isinstance(variables, list):
+        return None
+    for var in variables:
+        if isinstance(var, dict) and var.get("key") == key:
+            return var.get("value")
+    return None
+
+
+def parse_job(payload_text: str) -> Job:
+    try:
+        payload = json.loads(payload_text)
+    except json.JSONDecodeError as exc:
+        raise JobError(f"job payload is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(payload, dict):
+        raise JobError("job payload is not a JSON object")
+    job_id = _positive_int(payload.get("id"))
+    if job_id is None:
+        raise JobError("job payload has no valid positive integer `id`")
+    job_info = object_at(payload, "job_info")
+    runner_info = object_at(payload, "runner_info")
+    variables = payload.get("variables")
+    timeout = _positive_int(runner_info.get("timeout")) or DEFAULT_JOB_TIMEOUT_S
+    project = _first_variable(variables, "CI_PROJECT_PATH") or job_info.get("project_name")
+    return Job(
+        job_id=job_id,
+        project_id=_positive_int(job_info.get("project_id")),
+        project=_safe_text(project),
+        pipeline_id=_positive_int(_first_variable(variables, "CI_PIPELINE_ID")),
+        runner_id=_positive_int(_first_variable(variables, "CI_RUNNER_ID")),
+        timeout_s=timeout,
+    )
+
+
+def job_response_path(environ: Mapping[str, str]) -> str:
+    path = environ.get(JOB_RESPONSE_FILE)
+    if not path:
+        raise JobError(f"{JOB_RESPONSE_FILE} is not set: this command must be run by gitlab-runner's custom executor")
+    return path

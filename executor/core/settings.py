@@ -1,0 +1,228 @@
+"""The operator's configuration: TOML, loaded once into frozen dataclasses.
+
+Every problem is collected and reported together, each with its key, so that an operator fixes a
+config file in one pass. Unknown keys are errors too: a typo must not silently fall back to a
+default. Pure: `parse_settings` takes text; `adapters.hostfiles.load_settings` reads the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from executor.core.imagerecipe import BUILDS_DIR, CACHE_DIR, JOB_USER
+from executor.core.naming import USER_NAME
+from executor.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/libvirt-executor/config.toml"
+CONFIG_PATH_ENV = "LIBVIRT_EXECUTOR_CONFIG"
+GIB = 1024**3
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+_BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+@dataclass(frozen=True)
+class LibvirtSettings:
+    uri: str = "qemu:///system"
+    accel: str = "auto"  # auto | kvm | tcg
+    pool: str = "libvirt-executor"
+    pool_path: str = "/var/lib/libvirt-executor/pool"
+    network: str = "libvirt-executor"
+    bridge: str = "lvxbr0"
+    subnet: str = "192.168.213.0/24"
+    nwfilter: str = "clean-traffic"  # pins each VM to its MAC and IP; "" disables
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    dir: str = "/var/lib/libvirt-executor/image"
+
+
+@dataclass(frozen=True)
+class VMSettings:
+    name_prefix: str = "lvx"
+    vcpus: int = 2
+    memory_mib: int = 2048
+    disk_gib: int = 20
+    # The image is built with these (core.imagerecipe); prepare refuses a config that differs.
+    user: str = JOB_USER
+    builds_dir: str = BUILDS_DIR
+    cache_dir: str = CACHE_DIR
+
+
+@dataclass(frozen=True)
+class TimeoutSettings:
+    """Seconds. Every wait in the executor has one of these as its deadline."""
+
+    boot: float = 240.0  # domain start -> SSH accepting the job key (TCG hosts need ~60 s)
+    docker: float = 180.0  # SSH up -> the VM's dockerd answering
+    ssh_connect: float = 10.0  # one SSH connection attempt
+    cleanup: float = 60.0  # the whole cleanup stage
+    expiry_margin: float = 1800.0  # added to the job timeout to get the VM's expiry
+    max_lifetime: float = 6 * 3600.0  # hard cap on a VM's expiry, whatever the job timeout
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    state_dir: str = "/var/lib/libvirt-executor/state"
+    console_log_dir: str = "/var/log/libvirt-executor"
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    registry_mirrors: tuple[str, ...] = ()
+    insecure_registries: tuple[str, ...] = ()
+    ca_file: str = ""  # PEM bundle of extra CAs trusted inside the VM
+
+
+@dataclass(frozen=True)
+class Settings:
+    libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
+    vm: VMSettings = field(default_factory=VMSettings)
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.libvirt.subnet)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        """The host's address on the VM bridge: the subnet's first address."""
+        return self.network.network_address + 1
+
+
+_SECTIONS: dict[str, type] = {
+    "libvirt": LibvirtSettings,
+    "image": ImageSettings,
+    "vm": VMSettings,
+    "timeouts": TimeoutSettings,
+    "paths": PathSettings,
+    "docker": DockerSettings,
+}
+
+
+def _coerce(section: str, name: str, default: Any, value: Any, problems: list[str]) -> Any:
+    key = f"{section}.{name}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key}: expected true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{key}: expected an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{key}: expected a number of seconds, got {value!r}")
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        problems.append(f"{key}: expected a string, got {value!r}")
+    elif isinstance(default, tuple):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        problems.append(f"{key}: expected a list of strings, got {value!r}")
+    return default
+
+
+def _check(s: Settings, problems: list[str]) -> None:
+    lv = s.libvirt
+    if lv.accel not in ("auto", "kvm", "tcg"):
+        problems.append(f"libvirt.accel: must be auto, kvm or tcg, got {lv.accel!r}")
+    names = [("libvirt.pool", lv.pool), ("libvirt.network", lv.network)]
+    if lv.nwfilter:
+        names.append(("libvirt.nwfilter", lv.nwfilter))
+    for key, value in names:
+        if not _NAME_RE.match(value):
+            problems.append(f"{key}: {value!r} is not a valid libvirt object name")
+    if not _BRIDGE_RE.match(lv.bridge):
+        problems.append(f"libvirt.bridge: {lv.bridge!r} is not a valid interface name (max 15 chars)")
+    try:
+        net = ipaddress.IPv4Network(lv.subnet)
+        if net.prefixlen > 28:
+            problems.append(f"libvirt.subnet: {lv.subnet} is too small (need at most /28)")
+        elif net.prefixlen < 16:  # every allocation walks the address list
+            problems.append(f"libvirt.subnet: {lv.subnet} is too large (use /16 to /28)")
+    except ValueError as exc:
+        problems.append(f"libvirt.subnet: {exc}")
+    for key, value in (
+        ("libvirt.pool_path", lv.pool_path),
+        ("image.dir", s.image.dir),
+        ("paths.state_dir", s.paths.state_dir),
+        ("paths.console_log_dir", s.paths.console_log_dir),
+        ("vm.builds_dir", s.vm.builds_dir),
+        ("vm.cache_dir", s.vm.cache_dir),
+    ):
+        if not value.startswith("/"):
+            problems.append(f"{key}: must be an absolute path, got {value!r}")
+    vm = s.vm
+    if not _PREFIX_RE.match(vm.name_prefix):
+        problems.append(
+            f"vm.name_prefix: {vm.name_prefix!r} must be 1-16 chars of a-z, 0-9, '-', starting with a letter"
+        )
+    if not 1 <= vm.vcpus <= 64:
+        problems.append(f"vm.vcpus: must be between 1 and 64, got {vm.vcpus}")
+    if not 256 <= vm.memory_mib <= 262144:
+        problems.append(f"vm.memory_mib: must be between 256 and 262144, got {vm.memory_mib}")
+    if not 1 <= vm.disk_gib <= 4096:
+        problems.append(f"vm.disk_gib: must be between 1 and 4096, got {vm.disk_gib}")
+    if not USER_NAME.match(vm.user) or vm.user == "root":
+        problems.append(f"vm.user: {vm.user!r} must be a valid non-root user name")
+    for f in fields(TimeoutSettings):
+        value = getattr(s.timeouts, f.name)
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"timeouts.{f.name}: must be positive and finite, got {value}")
+    for key, urls in (("docker.registry_mirrors", s.docker.registry_mirrors),):
+        for url in urls:
+            if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[^\s\"']*)?$", url):
+                problems.append(f"{key}: {url!r} is not an http(s) URL")
+    for reg in s.docker.insecure_registries:
+        if not re.match(r"^[A-Za-z0-9.\-\[\]:/]+$", reg):
+            problems.append(f"docker.insecure_registries: {reg!r} is not a host[:port] or CIDR")
+
+
+def parse_settings(text: str, source: str = "<config>") -> Settings:
+    """Parse and validate config text; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, value in raw.items():
+        if section not in _SECTIONS:
+            problems.append(f"{section}: unknown section (known: {', '.join(_SECTIONS)})")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{section}: must be a table")
+            continue
+        cls = _SECTIONS[section]
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for name, item in value.items():
+            if name not in known:
+                problems.append(f"{section}.{name}: unknown key (known: {', '.join(sorted(known))})")
+                continue
+            kwargs[name] = _coerce(section, name, getattr(defaults, name), item, problems)
+        sections[section] = cls(**kwargs)
+    settings = Settings(**sections)
+    _check(settings, problems)
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+    return settings
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str]) -> str:
+    return explicit or environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH

@@ -1,0 +1,58 @@
+"""Remove everything of one job VM: the only code that deletes a job's resources."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from executor.adapters.hostfiles import console_log, remove_file
+from executor.adapters.hypervisor import Hypervisor
+from executor.adapters.statedir import StateDir
+from executor.core import naming
+from executor.core.domain_xml import parse_job_record
+from executor.core.settings import Settings
+from executor.errors import ConfigError, SystemFailure
+
+
+def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> list[str]:
+    """Remove everything of `vm`: domain (destroyed, never shut down), volumes, IP reservation,
+    key, console log. Idempotent; works on any half-built state. Each step runs even if an
+    earlier one failed; SystemFailure at the end lists what could not be removed."""
+    removed: list[str] = []
+    failures: list[str] = []
+    info = hv.domain(vm)
+    if info is not None and (not info.metadata or parse_job_record(info.metadata) is None):
+        raise SystemFailure(f"a domain named {vm} exists without libvirt-executor metadata: not touching it")
+
+    pool = settings.libvirt.pool
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("domain destroyed", lambda: hv.destroy(vm)),
+        ("domain undefined", lambda: hv.undefine(vm)),
+        ("domain removed after a late start", lambda: _remove_late_domain(hv, vm)),
+        ("overlay deleted", lambda: hv.delete_volume(pool, naming.overlay_volume_name(vm))),
+        ("seed deleted", lambda: hv.delete_volume(pool, naming.seed_volume_name(vm))),
+        ("IP released", lambda: state.release_ip(vm)),
+        ("key removed", lambda: state.remove_job_dir(vm)),
+        ("console log removed", lambda: remove_file(console_log(settings, vm))),
+    ]
+    for what, step in steps:
+        try:
+            if step():
+                removed.append(what)
+        except (SystemFailure, ConfigError, OSError) as exc:
+            failures.append(f"{what.split()[0]}: {exc}")
+    if failures:
+        raise SystemFailure(f"cleanup of {vm} incomplete: " + "; ".join(failures))
+    return removed
+
+
+def _remove_late_domain(hv: Hypervisor, vm: str) -> bool:
+    """A killed prepare's start request can still complete inside libvirtd after our destroy;
+    undefining a running domain only makes it transient, so look again and finish the job."""
+    for _ in range(3):
+        if hv.domain(vm) is None:
+            return False
+        hv.destroy(vm)
+        hv.undefine(vm)
+    if hv.domain(vm) is not None:
+        raise SystemFailure(f"domain {vm} keeps coming back after destroy")
+    return True

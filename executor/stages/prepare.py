@@ -1,0 +1,272 @@
+"""prepare_exec: create and boot the job's VM, wait until SSH and dockerd answer.
+
+On any failure, and on SIGTERM, whatever was made is torn down before the error propagates (a
+system failure: gitlab-runner retries prepare).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
+from executor.adapters.hostfiles import console_log, console_tail, load_base_image
+from executor.adapters.hypervisor import Hypervisor, connect
+from executor.adapters.keys import generate_ed25519
+from executor.adapters.seed_iso import build_seed_iso
+from executor.adapters.statedir import StateDir
+from executor.core import accel, naming
+from executor.core.baseimage import BaseImage, config_disagreements
+from executor.core.domain_xml import (
+    JobRecord,
+    VMSpec,
+    build_domain,
+    build_overlay_volume,
+    build_raw_volume,
+)
+from executor.core.jobenv import Job
+from executor.core.seedspec import SeedSpec
+from executor.core.settings import GIB, Settings
+from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit, wait_until
+from executor.errors import ConfigError, Interrupted, SystemFailure
+from executor.jobvm.accel import choose_accel
+from executor.jobvm.record import running_record, vm_alive
+from executor.jobvm.teardown import teardown
+from executor.stages.cleanup import LOCK_WAIT_S
+from executor.stages.config import DRIVER_NAME
+
+log = logging.getLogger(__name__)
+
+# The API's /_ping over the socket, as the job user: cheaper than the docker CLI (a large Go
+# binary that takes seconds to start under TCG) and bounded if dockerd hangs.
+DOCKER_PING = "curl -sf --max-time 10 --unix-socket /var/run/docker.sock http://docker/_ping"
+
+
+@dataclass
+class Timings:
+    start: float = field(default_factory=time.monotonic)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic()
+
+    def between(self, a: str | None, b: str) -> float:
+        return self.marks[b] - (self.marks[a] if a else self.start)
+
+
+def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) -> None:
+    """Create and boot the job's VM, wait until SSH and dockerd answer. On any failure, and on
+    SIGTERM, tear down whatever was made and raise (a system failure)."""
+    timings = Timings()
+    vm = naming.vm_name(settings.vm.name_prefix, job.job_id)
+    image = load_base_image(settings.image.dir)
+    mismatch = config_disagreements(image, settings.vm.user, settings.vm.builds_dir, settings.vm.cache_dir)
+    if mismatch:
+        raise ConfigError("; ".join(mismatch) + " (fix the config, or rebuild the image)")
+    state = StateDir(settings.paths.state_dir)
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv, state.job_lock(vm, LOCK_WAIT_S):
+        try:
+            with signals_raise_interrupted():
+                # A failed earlier attempt whose cleanup timed out may have left debris.
+                teardown(hv, settings, state, vm)
+                choice = choose_accel(settings, hv)
+                log.info("preparing %s (%s: %s)", vm, choice.accel, choice.reason)
+                ip = _create_vm(hv, settings, state, image, job, vm, choice, timings)
+                with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
+                    _wait_for_docker(hv, settings, vm, ssh, timings)
+        except BaseException as exc:
+            _roll_back(settings, state, vm, exc)
+            raise
+    out(
+        f"{DRIVER_NAME}: {vm} ready at {ip} ({choice.accel}): "
+        f"clone {timings.between(None, 'cloned'):.1f}s, "
+        f"boot-to-ssh {timings.between('started', 'ssh'):.1f}s, "
+        f"ssh-to-docker {timings.between('ssh', 'docker'):.1f}s, "
+        f"total {timings.between(None, 'docker'):.1f}s"
+    )
+
+
+def _roll_back(settings: Settings, state: StateDir, vm: str, exc: BaseException) -> None:
+    """Remove what a failed prepare made. Never raises: the original error matters more."""
+    with signals_deferred():
+        if not isinstance(exc, Interrupted):
+            tail = console_tail(console_log(settings, vm))
+            if tail:
+                log.info("last lines of %s's console:\n%s", vm, tail)
+        try:
+            # A fresh connection: the failure may have been libvirtd going away.
+            with time_limit(settings.timeouts.cleanup, "rollback"):
+                with connect(settings.libvirt.uri, naming.METADATA_NS) as fresh:
+                    teardown(fresh, settings, state, vm)
+                state.remove_lock_file(vm)  # still held: nothing of the job is left
+        except Exception as cleanup_exc:
+            log.warning("rollback of %s incomplete: %s", vm, cleanup_exc)
+
+
+def _create_vm(
+    hv: Hypervisor,
+    settings: Settings,
+    state: StateDir,
+    image: BaseImage,
+    job: Job,
+    vm: str,
+    choice: accel.Choice,
+    timings: Timings,
+) -> str:
+    """Reserve the address, make the keys, the seed and the overlay, define and start the
+    domain; the VM's IP."""
+    ip = state.allocate_ip(vm, naming.vm_addresses(settings.network))
+    client_private, client_public = generate_ed25519(f"{vm}-client")
+    host_private, host_public = generate_ed25519(vm)
+    state.write_client_key(vm, client_private)
+    seed_path = _write_seed(hv, settings, vm, ip, client_public, host_private, host_public)
+    log.debug("%s: seed written in %.1fs", vm, time.monotonic() - timings.start)
+
+    capacity = max(settings.vm.disk_gib * GIB, image.virtual_bytes)
+    overlay_path = hv.create_volume(
+        settings.libvirt.pool, build_overlay_volume(naming.overlay_volume_name(vm), str(image.disk), capacity)
+    )
+    timings.mark("cloned")
+
+    console = console_log(settings, vm)
+    console.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    spec = _domain_spec(settings, image, job, vm, ip, choice, host_public, overlay_path, seed_path, str(console))
+    timings.mark("defining")
+    hv.define_and_start(build_domain(spec))
+    timings.mark("started")
+    log.debug("%s: domain defined and started in %.1fs", vm, timings.between("defining", "started"))
+    return ip
+
+
+def _domain_spec(
+    settings: Settings,
+    image: BaseImage,
+    job: Job,
+    vm: str,
+    ip: str,
+    choice: accel.Choice,
+    host_public: str,
+    overlay_path: str,
+    seed_path: str,
+    console: str,
+) -> VMSpec:
+    """The domain of the job's VM, with the metadata later stages and `reap` read."""
+    now = int(time.time())
+    lifetime = min(job.timeout_s + settings.timeouts.expiry_margin, settings.timeouts.max_lifetime)
+    record = JobRecord(
+        vm=vm,
+        job_id=job.job_id,
+        project_id=job.project_id,
+        project=job.project,
+        pipeline_id=job.pipeline_id,
+        runner_id=job.runner_id,
+        created=now,
+        expires=now + int(lifetime),
+        ip=ip,
+        accel=choice.accel,
+        host_key=host_public,
+    )
+    return VMSpec(
+        name=vm,
+        memory_mib=settings.vm.memory_mib,
+        vcpus=settings.vm.vcpus,
+        kernel=str(image.kernel),
+        initrd=str(image.initrd),
+        cmdline=image.cmdline,
+        overlay_path=overlay_path,
+        seed_path=seed_path,
+        network=settings.libvirt.network,
+        mac=naming.mac_for(ipaddress.IPv4Address(ip)),
+        ip=ip,
+        console_log=console,
+        record=record,
+        domain_type=choice.domain_type,
+        nwfilter=settings.libvirt.nwfilter,
+    )
+
+
+def _write_seed(
+    hv: Hypervisor, settings: Settings, vm: str, ip: str, client_public: str, host_private: str, host_public: str
+) -> str:
+    """The job's seed ISO as a volume of the pool; its path."""
+    seed = build_seed_iso(
+        SeedSpec(
+            hostname=vm,
+            address=f"{ip}/{settings.network.prefixlen}",
+            gateway=str(settings.gateway),
+            dns=(str(settings.gateway),),
+            mac=naming.mac_for(ipaddress.IPv4Address(ip)),
+            user=settings.vm.user,
+            authorized_key=client_public,
+            host_key_private=host_private,
+            host_key_public=host_public,
+            daemon_json=_daemon_json(settings),
+            ca_certificates=_extra_cas(settings),
+        )
+    )
+    name = naming.seed_volume_name(vm)
+    path = hv.create_volume(settings.libvirt.pool, build_raw_volume(name, len(seed)))
+    hv.upload_volume(settings.libvirt.pool, name, seed)
+    return path
+
+
+def _daemon_json(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if settings.docker.registry_mirrors:
+        config["registry-mirrors"] = list(settings.docker.registry_mirrors)
+    if settings.docker.insecure_registries:
+        config["insecure-registries"] = list(settings.docker.insecure_registries)
+    return config
+
+
+def _extra_cas(settings: Settings) -> str:
+    if not settings.docker.ca_file:
+        return ""
+    try:
+        return Path(settings.docker.ca_file).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"docker.ca_file: cannot read {settings.docker.ca_file}: {exc}") from None
+
+
+def _wait_for_ssh(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, ip: str, timings: Timings) -> GuestSSH:
+    record = running_record(hv, vm)
+    key = state.read_client_key(vm)
+    last_error: list[str] = []
+
+    def attempt() -> GuestSSH | None:
+        if not vm_alive(hv, vm):
+            raise SystemFailure(f"{vm} stopped while booting")
+        try:
+            return GuestSSH.connect(ip, settings.vm.user, key, record.host_key, settings.timeouts.ssh_connect)
+        except SSHNotReady as exc:
+            log.debug("%s", exc)
+            last_error[:] = [str(exc)]
+            return None
+
+    try:
+        ssh = wait_until(attempt, settings.timeouts.boot, f"SSH on {vm} ({ip})", interval=0.5, max_interval=1.0)
+    except SystemFailure as exc:
+        if last_error and "timed out" in str(exc):
+            raise SystemFailure(f"{exc} (last error: {last_error[0]})") from None
+        raise
+    timings.mark("ssh")
+    return ssh
+
+
+def _wait_for_docker(hv: Hypervisor, settings: Settings, vm: str, ssh: GuestSSH, timings: Timings) -> None:
+    def attempt() -> bool:
+        if not vm_alive(hv, vm):
+            raise SystemFailure(f"{vm} stopped while dockerd was starting")
+        try:
+            return ssh.capture(DOCKER_PING, timeout=15).stdout.strip() == "OK"
+        except SystemFailure as exc:
+            log.debug("dockerd in %s not ready: %s", vm, exc)
+            return False
+
+    wait_until(attempt, settings.timeouts.docker, f"dockerd in {vm}", interval=0.3, max_interval=1.0)
+    timings.mark("docker")

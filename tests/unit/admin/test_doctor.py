@@ -1,0 +1,232 @@
+"""`executor.admin.doctor` against libvirt's test driver, a fake base image and local HTTP servers."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from executor import cli
+from executor.admin import doctor as doctor_module
+from executor.admin.doctor import doctor
+
+VIRTUAL = 4 * 1024**3
+
+
+def fake_image(directory, *, virtual=VIRTUAL, lie_about_kernel=False):
+    directory.mkdir(parents=True, exist_ok=True)
+    header = (
+        b"QFI\xfb"
+        + (3).to_bytes(4, "big")
+        + (0).to_bytes(8, "big")
+        + (0).to_bytes(8, "big")
+        + virtual.to_bytes(8, "big")
+    )
+    (directory / "disk.qcow2").write_bytes(header + b"\0" * 480)
+    (directory / "vmlinuz").write_bytes(b"k" * 100)
+    (directory / "initrd.img").write_bytes(b"i" * 50)
+    manifest = {
+        "disk": "disk.qcow2",
+        "kernel": "vmlinuz",
+        "initrd": "initrd.img",
+        "cmdline": "console=ttyS0",
+        "kernel_version": "6.1.0-test",
+        "built_at": "2026-01-01T00:00:00+00:00",
+        "sizes": {
+            "disk_bytes": 512,
+            "virtual_bytes": VIRTUAL,
+            "kernel_bytes": 101 if lie_about_kernel else 100,
+            "initrd_bytes": 50,
+        },
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def write_config(tmp_path, *, mirrors=(), uri="test:///default", extra=""):
+    (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "console").mkdir(exist_ok=True)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[libvirt]\nuri = "{uri}"\npool = "default-pool"\nnetwork = "default"\nnwfilter = ""\n'
+        f'[image]\ndir = "{tmp_path / "image"}"\n'
+        f'[paths]\nstate_dir = "{tmp_path / "state"}"\nconsole_log_dir = "{tmp_path / "console"}"\n'
+        f"[docker]\nregistry_mirrors = {json.dumps(list(mirrors))}\n{extra}"
+    )
+    return str(config)
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_healthy_host_passes_every_check(hv, tmp_path):
+    fake_image(tmp_path / "image")
+    seen = []
+    checks = doctor(write_config(tmp_path), out=seen.append)
+    assert seen == checks
+    kvm_device = ["kvm device"] if os.path.exists("/dev/kvm") else []  # checked only where there is one
+    assert [c.name for c in checks] == [
+        "config",
+        "state dirs",
+        "libvirt",
+        "accelerator",
+        *kvm_device,
+        "storage pool",
+        "disk space",
+        "network",
+        "base image",
+    ]
+    assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+    assert by_name(checks)["accelerator"].detail.startswith("TCG")  # the test driver offers no KVM
+    assert by_name(checks)["base image"].line().startswith("ok    base image    ")
+
+
+def test_missing_image_fails_with_the_fix(hv, tmp_path):
+    check = by_name(doctor(write_config(tmp_path)))["base image"]
+    assert check.ok is False
+    assert "manifest.json is missing" in check.detail
+    assert check.line().endswith("-> fix: libvirt-executor image build")
+
+
+def test_image_not_matching_its_manifest_fails(hv, tmp_path):
+    fake_image(tmp_path / "image", lie_about_kernel=True)
+    check = by_name(doctor(write_config(tmp_path)))["base image"]
+    assert check.ok is False and "vmlinuz is 100 bytes, the manifest says 101" in check.detail
+
+    fake_image(tmp_path / "image", virtual=VIRTUAL * 2)
+    check = by_name(doctor(write_config(tmp_path)))["base image"]
+    assert check.ok is False and "virtual size" in check.detail
+
+    (tmp_path / "image" / "disk.qcow2").write_bytes(b"\0" * 512)
+    check = by_name(doctor(write_config(tmp_path)))["base image"]
+    assert check.ok is False and "is not a qcow2 image" in check.detail
+
+
+def test_invalid_config_fails_and_skips_the_rest(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[vm]\nvcpus = 0\n")
+    checks = doctor(str(config))
+    assert checks[0].name == "config" and checks[0].ok is False and "vm.vcpus" in checks[0].detail
+    assert all(c.ok is None for c in checks[1:]) and len(checks) > 5
+
+
+def test_unreachable_libvirt_fails(tmp_path):
+    fake_image(tmp_path / "image")
+    checks = by_name(doctor(write_config(tmp_path, uri="qemu+unix:///system?socket=/nonexistent/sock")))
+    assert checks["libvirt"].ok is False and "libvirtd -d" in checks["libvirt"].fix
+    assert checks["network"].ok is None and checks["base image"].ok is True
+
+
+def test_missing_pool_and_network_fail(hv, tmp_path):
+    fake_image(tmp_path / "image")
+    text = (
+        Path(write_config(tmp_path))
+        .read_text()
+        .replace('"default-pool"', '"nopool"')
+        .replace('network = "default"', 'network = "nonet"')
+    )
+    (tmp_path / "config.toml").write_text(text)
+    checks = by_name(doctor(str(tmp_path / "config.toml")))
+    assert checks["storage pool"].ok is False and checks["storage pool"].fix == "libvirt-executor setup"
+    assert checks["disk space"].ok is None
+    assert checks["network"].ok is False and "does not exist" in checks["network"].detail
+
+
+def test_too_little_disk_space_fails(hv, tmp_path):
+    fake_image(tmp_path / "image")
+    checks = by_name(doctor(write_config(tmp_path, extra="[vm]\ndisk_gib = 4000\n")))
+    assert checks["disk space"].ok is False and "less than one job's disk" in checks["disk space"].detail
+
+
+class _Registry(http.server.BaseHTTPRequestHandler):
+    status = 401
+
+    def do_GET(self):
+        self.send_response(self.status if self.path == "/v2/" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def registry():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_mirror_reachable_and_unreachable(hv, tmp_path, registry):
+    fake_image(tmp_path / "image")
+    dead = http.server.HTTPServer(("127.0.0.1", 0), _Registry)
+    dead_url = f"http://127.0.0.1:{dead.server_address[1]}"
+    dead.server_close()  # nothing listens there now
+    checks = [c for c in doctor(write_config(tmp_path, mirrors=[registry, dead_url])) if c.name == "mirror"]
+    assert [c.ok for c in checks] == [True, False]
+    assert "HTTP 401" in checks[0].detail and "unreachable" in checks[1].detail
+
+
+def test_boot_probe_is_skipped_when_a_check_failed(hv, tmp_path):
+    checks = doctor(write_config(tmp_path), boot=True)  # no image
+    assert checks[-1].name == "boot" and checks[-1].ok is None
+
+
+def test_cli_doctor_exit_codes(hv, tmp_path, capsys):
+    config = write_config(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", config, "doctor"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert "FAIL  base image" in captured.out and "1 check(s) failed: base image" in captured.err
+    fake_image(tmp_path / "image")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", config, "doctor"])
+    assert exit_info.value.code == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
+def test_kvm_device_check(tmp_path):
+    assert doctor_module._check_kvm_device(str(tmp_path / "absent")) is None
+    device = tmp_path / "kvm"
+    device.write_text("")
+    device.chmod(0o600)
+    check = doctor_module._check_kvm_device(str(device))
+    assert check.ok is False and "0600" in check.detail
+    assert check.line().endswith(
+        f"-> fix: chgrp kvm {device} && chmod 0660 {device} (what udev does; scripts/setup.sh does it)"
+    )
+    device.chmod(0o666)
+    assert doctor_module._check_kvm_device(str(device)).ok is True
+
+
+def test_boot_probe_reports_an_unexpected_prepare_error_and_a_failed_cleanup(tmp_settings, monkeypatch):
+    # Before: a non-project error in prepare left `detail` unset, and a failing cleanup after it
+    # then crashed doctor with UnboundLocalError instead of reporting the check.
+    def prepare(settings, job, out):
+        raise RuntimeError("disk on fire")
+
+    def cleanup(settings, job):
+        raise doctor_module.SystemFailure("cleanup of lvx-job-1 incomplete: overlay: busy")
+
+    monkeypatch.setattr(doctor_module, "prepare", prepare)
+    monkeypatch.setattr(doctor_module, "cleanup", cleanup)
+    check = doctor_module._boot_probe(tmp_settings)
+    assert check.name == "boot" and check.ok is False
+    assert "unexpected RuntimeError: disk on fire" in check.detail
+    assert "its cleanup failed: cleanup of lvx-job-1 incomplete" in check.detail
+
+
+def test_boot_probe_passes_with_prepare_s_timings_line(tmp_settings, monkeypatch):
+    cleaned = []
+    monkeypatch.setattr(doctor_module, "prepare", lambda settings, job, out: out("lvx-job-1 ready at 10.0.0.9"))
+    monkeypatch.setattr(doctor_module, "cleanup", lambda settings, job: cleaned.append(job.job_id))
+    check = doctor_module._boot_probe(tmp_settings)
+    assert check.ok is True and check.detail == "lvx-job-1 ready at 10.0.0.9"
+    assert cleaned and cleaned[0] >= doctor_module.PROBE_JOB_ID_BASE

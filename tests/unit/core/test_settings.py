@@ -1,0 +1,185 @@
+"""executor.core.settings: defaults, validation (every problem at once), loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from executor.core.settings import (
+    CONFIG_PATH_ENV,
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    config_path,
+    parse_settings,
+)
+from executor.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "config.example.toml"
+
+
+def _problems(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, source="cfg.toml")
+    return str(info.value)
+
+
+# --- defaults --------------------------------------------------------------------------------
+
+
+def test_example_config_equals_the_defaults():
+    assert parse_settings(EXAMPLE.read_text(encoding="utf-8"), source=str(EXAMPLE)) == Settings()
+
+
+def test_example_config_shows_every_key_of_every_section():
+    raw = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    expected = {f.name: {g.name for g in dataclasses.fields(f.default_factory)} for f in dataclasses.fields(Settings)}
+    assert {section: set(keys) for section, keys in raw.items()} == expected
+
+
+def test_empty_config_is_all_defaults():
+    assert parse_settings("") == Settings()
+
+
+def test_integer_seconds_become_floats_and_values_are_kept():
+    s = parse_settings('[timeouts]\nboot = 30\n[vm]\nvcpus = 4\n[docker]\nregistry_mirrors = ["http://10.0.0.2:5000"]')
+    assert s.timeouts.boot == 30.0 and isinstance(s.timeouts.boot, float)
+    assert s.vm.vcpus == 4
+    assert s.docker.registry_mirrors == ("http://10.0.0.2:5000",)
+    assert s.vm.memory_mib == Settings().vm.memory_mib  # untouched keys keep their default
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().vm.vcpus = 8  # type: ignore[misc]
+
+
+def test_network_and_gateway_come_from_the_subnet():
+    s = parse_settings('[libvirt]\nsubnet = "10.20.30.0/24"')
+    assert str(s.network) == "10.20.30.0/24"
+    assert str(s.gateway) == "10.20.30.1"
+
+
+# --- validation: one problem at a time ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, key, detail",
+    [
+        ('[libvirt]\naccel = "hvf"', "libvirt.accel", "auto, kvm or tcg"),
+        ('[libvirt]\naccel = "KVM"', "libvirt.accel", "auto, kvm or tcg"),
+        ('[libvirt]\nsubnet = "banana"', "libvirt.subnet", ""),
+        ('[libvirt]\nsubnet = "192.168.213.5/24"', "libvirt.subnet", "host bits"),
+        ('[libvirt]\nsubnet = "10.0.0.0/29"', "libvirt.subnet", "too small"),
+        ('[libvirt]\nsubnet = "fd00::/64"', "libvirt.subnet", ""),
+        ('[libvirt]\npool = "../etc"', "libvirt.pool", "not a valid libvirt object name"),
+        ('[libvirt]\nnetwork = "a b"', "libvirt.network", "not a valid libvirt object name"),
+        ('[libvirt]\nnwfilter = "x/y"', "libvirt.nwfilter", "not a valid libvirt object name"),
+        ('[libvirt]\nbridge = "averyveryverylongbridge"', "libvirt.bridge", "max 15"),
+        ('[libvirt]\npool_path = "var/lib/pool"', "libvirt.pool_path", "absolute path"),
+        ('[image]\ndir = "image"', "image.dir", "absolute path"),
+        ('[paths]\nstate_dir = "./state"', "paths.state_dir", "absolute path"),
+        ('[paths]\nconsole_log_dir = "log"', "paths.console_log_dir", "absolute path"),
+        ('[vm]\nbuilds_dir = "builds"', "vm.builds_dir", "absolute path"),
+        ('[vm]\ncache_dir = "~/cache"', "vm.cache_dir", "absolute path"),
+        ('[vm]\nname_prefix = "LVX"', "vm.name_prefix", ""),
+        ('[vm]\nname_prefix = "1vx"', "vm.name_prefix", ""),
+        ("[vm]\nvcpus = 0", "vm.vcpus", "between 1 and 64"),
+        ("[vm]\nmemory_mib = 128", "vm.memory_mib", "between 256"),
+        ("[vm]\ndisk_gib = 0", "vm.disk_gib", "between 1"),
+        ('[vm]\nuser = "root"', "vm.user", "non-root"),
+        ('[vm]\nuser = "Bad User"', "vm.user", "non-root"),
+        ("[timeouts]\nboot = 0", "timeouts.boot", "positive"),
+        ("[timeouts]\ndocker = -1", "timeouts.docker", "positive"),
+        ("[timeouts]\nssh_connect = 0.0", "timeouts.ssh_connect", "positive"),
+        ("[timeouts]\ncleanup = -0.5", "timeouts.cleanup", "positive"),
+        ("[timeouts]\nexpiry_margin = 0", "timeouts.expiry_margin", "positive"),
+        ("[timeouts]\nmax_lifetime = -3600", "timeouts.max_lifetime", "positive"),
+        # TOML has nan and inf; neither is a usable deadline (nan <= 0 is False).
+        ("[timeouts]\nboot = nan", "timeouts.boot", "finite"),
+        ("[timeouts]\nmax_lifetime = inf", "timeouts.max_lifetime", "finite"),
+        ('[docker]\nregistry_mirrors = ["ftp://mirror"]', "docker.registry_mirrors", "http(s) URL"),
+        ('[docker]\nregistry_mirrors = ["mirror.example:5000"]', "docker.registry_mirrors", "http(s) URL"),
+        ('[docker]\nregistry_mirrors = ["http://a b"]', "docker.registry_mirrors", "http(s) URL"),
+        ('[docker]\nregistry_mirrors = ["http://m/\\"x"]', "docker.registry_mirrors", "http(s) URL"),
+        ('[docker]\ninsecure_registries = ["a b"]', "docker.insecure_registries", "host[:port]"),
+        # wrong types
+        ('[vm]\nvcpus = "2"', "vm.vcpus", "expected an integer"),
+        ("[vm]\nvcpus = 2.5", "vm.vcpus", "expected an integer"),
+        ("[vm]\nvcpus = true", "vm.vcpus", "expected an integer"),
+        ('[timeouts]\nboot = "4m"', "timeouts.boot", "expected a number of seconds"),
+        ("[timeouts]\nboot = false", "timeouts.boot", "expected a number of seconds"),
+        ("[libvirt]\nuri = 5", "libvirt.uri", "expected a string"),
+        ('[docker]\nregistry_mirrors = "http://m"', "docker.registry_mirrors", "expected a list of strings"),
+        ("[docker]\ninsecure_registries = [1, 2]", "docker.insecure_registries", "expected a list of strings"),
+        # structure
+        ("[libvirtt]\nuri = 'x'", "libvirtt", "unknown section"),
+        ("[vm]\nvcpu = 2", "vm.vcpu", "unknown key"),
+        ("vm = 3", "vm", "must be a table"),
+    ],
+)
+def test_each_problem_is_reported_with_its_key(text, key, detail):
+    message = _problems(text)
+    assert message.startswith("cfg.toml: invalid configuration")
+    assert f"{key}: " in message
+    assert detail in message
+
+
+def test_valid_mirror_and_registry_are_accepted():
+    s = parse_settings(
+        '[docker]\nregistry_mirrors = ["https://mirror.example:5000/v2", "http://[fd00::1]:5000"]\n'
+        'insecure_registries = ["192.168.213.2:5000", "10.0.0.0/8"]'
+    )
+    assert len(s.docker.registry_mirrors) == 2 and len(s.docker.insecure_registries) == 2
+
+
+def test_unknown_key_lists_the_known_ones():
+    message = _problems("[vm]\nvcpu = 2")
+    assert "vcpus" in message and "memory_mib" in message
+
+
+def test_every_problem_is_reported_together_in_one_error():
+    text = """
+[libvirt]
+accel = "xen"
+subnet = "300.1.1.0/24"
+pool_path = "relative"
+[vm]
+vcpus = "many"
+memory_mib = 1
+[timeouts]
+boot = 0
+cleanup = -5
+[docker]
+registry_mirrors = ["gopher://m"]
+[bogus]
+x = 1
+"""
+    message = _problems(text)
+    for key in (
+        "libvirt.accel",
+        "libvirt.subnet",
+        "libvirt.pool_path",
+        "vm.vcpus",
+        "vm.memory_mib",
+        "timeouts.boot",
+        "timeouts.cleanup",
+        "docker.registry_mirrors",
+        "bogus",
+    ):
+        assert f"\n  {key}: " in message, key
+    assert message.count("\n  ") == 9  # one line per problem, nothing else
+
+
+def test_invalid_toml_is_a_config_error():
+    message = _problems("[vm\nvcpus = 2")
+    assert "not valid TOML" in message and message.startswith("cfg.toml")
+
+
+def test_config_path_precedence():
+    assert config_path("/x.toml", {CONFIG_PATH_ENV: "/env.toml"}) == "/x.toml"
+    assert config_path(None, {CONFIG_PATH_ENV: "/env.toml"}) == "/env.toml"
+    assert config_path(None, {CONFIG_PATH_ENV: ""}) == DEFAULT_CONFIG_PATH
+    assert config_path(None, {}) == DEFAULT_CONFIG_PATH

@@ -1,0 +1,87 @@
+"""executor.stages.prepare on libvirt's test driver: a failed prepare leaves nothing behind.
+
+The test driver cannot upload a volume or boot a guest; the first test lets prepare fail on the
+real "not supported" upload error, the second stands in for the upload and for the SSH wait
+(SIGTERM arriving while the VM boots) to fail after the domain was started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from executor.adapters.hypervisor import Hypervisor
+from executor.adapters.statedir import StateDir
+from executor.core.jobenv import Job
+from executor.core.settings import ImageSettings, Settings, VMSettings
+from executor.errors import ConfigError, Interrupted, SystemFailure
+from executor.stages import prepare as prepare_stage
+from tests.unit.conftest import make_driver_spec
+
+VM = "lvx-job-4242"
+POOL = "default-pool"
+JOB = Job(job_id=4242, project_id=1, project="g/p", pipeline_id=2, runner_id=3, timeout_s=3600)
+
+
+@pytest.fixture
+def settings(tmp_settings, tmp_path) -> Settings:
+    image = tmp_path / "image"
+    image.mkdir()
+    for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (image / name).write_bytes(b"x")
+    manifest = {"disk": "disk.qcow2", "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "quiet", "user": "runner"}
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    libvirt = dataclasses.replace(tmp_settings.libvirt, accel="tcg", nwfilter="")
+    return dataclasses.replace(tmp_settings, libvirt=libvirt, image=ImageSettings(dir=str(image)))
+
+
+def left_on_host(hv: Hypervisor, settings: Settings) -> dict[str, object]:
+    state = StateDir(settings.paths.state_dir)
+    found = {
+        "domains": [d.name for d in hv.domains() if d.name == VM],
+        "volumes": [v for v in hv.volume_names(POOL) if v.startswith(VM)],
+        "ips": state.reservations(),
+        "job_dirs": state.job_dir_vms(),
+        "locks": state.locked_vms(),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def test_a_libvirt_failure_midway_rolls_back_everything_made_so_far(hv, settings):
+    with pytest.raises(SystemFailure, match="uploading volume lvx-job-4242-seed.iso"):
+        prepare_stage.prepare(settings, JOB, out=lambda line: pytest.fail(f"printed {line!r}"))
+    assert left_on_host(hv, settings) == {}
+
+
+def test_sigterm_while_the_vm_boots_destroys_it_and_everything_else(hv, settings, monkeypatch):
+    monkeypatch.setattr(Hypervisor, "upload_volume", lambda self, pool, name, data: None)
+    # The test driver runs only its own domain type: the same spec, in the shape it accepts.
+    real_spec = prepare_stage._domain_spec
+
+    def driver_spec(*args):
+        spec = real_spec(*args)
+        return make_driver_spec(spec.record, overlay_path=spec.overlay_path, seed_path=spec.seed_path)
+
+    seen = {}
+
+    def sigterm_during_boot(hv_, settings_, state, vm, ip, timings):
+        seen["running"] = [d.name for d in hv_.domains() if d.active]
+        seen["left"] = left_on_host(hv_, settings_)
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(prepare_stage, "_domain_spec", driver_spec)
+    monkeypatch.setattr(prepare_stage, "_wait_for_ssh", sigterm_during_boot)
+    with pytest.raises(Interrupted):
+        prepare_stage.prepare(settings, JOB, out=lambda line: None)
+    assert VM in seen["running"]  # the failure really came after the start
+    assert set(seen["left"]) == {"domains", "volumes", "ips", "job_dirs", "locks"}
+    assert left_on_host(hv, settings) == {}
+
+
+def test_a_config_that_disagrees_with_the_image_is_refused_before_anything_is_made(hv, settings):
+    other = dataclasses.replace(settings, vm=VMSettings(user="builder"))
+    with pytest.raises(ConfigError, match="vm.user = 'builder', but the image .* was built with 'runner'"):
+        prepare_stage.prepare(other, JOB)
+    assert left_on_host(hv, other) == {}

@@ -1,0 +1,134 @@
+"""executor.stages.run: what the remote shell's exit status means, and the stage around it.
+
+The VM side is a fake of the two adapter classes run talks to (libvirt's Hypervisor and
+GuestSSH); everything else (the job's state dir, the script file, the exit mapping) is real.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+
+import pytest
+
+from executor.adapters.hypervisor import DomainInfo
+from executor.adapters.statedir import StateDir
+from executor.core.domain_xml import metadata_xml
+from executor.core.jobenv import Job
+from executor.errors import BuildFailure, SystemFailure
+from executor.stages import run as run_stage
+from tests.unit.conftest import make_record
+
+VM = "lvx-job-4242"
+JOB = Job(job_id=4242, project_id=1, project="g/p", pipeline_id=2, runner_id=3, timeout_s=3600)
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(0, None), (1, 1), (3, 3), (137, 137), (None, 255)],
+)
+def test_script_outcome_maps_the_status_to_a_build_failure(status, outcome):
+    result = run_stage.script_outcome(status)
+    if outcome is None:
+        assert result is None
+    else:
+        assert isinstance(result, BuildFailure) and result.exit_status == outcome
+
+
+class FakeHypervisor:
+    def __init__(self, state: str = "running", metadata: str | None = None) -> None:
+        self.info = DomainInfo(VM, state, metadata if metadata is not None else metadata_xml(make_record(vm=VM)))
+
+    def domain(self, name: str) -> DomainInfo | None:
+        return self.info if name == VM else None
+
+
+class FakeSSH:
+    """The remote shell: records what it was asked to run, answers with `status` or `error`."""
+
+    def __init__(self, status: int | None = 0, error: Exception | None = None) -> None:
+        self.status, self.error, self.streams = status, error, []
+
+    def stream(self, command, stdin, stdout, stderr, still_alive):
+        self.streams.append((command, stdin))
+        assert still_alive() is True
+        if self.error:
+            raise self.error
+        stdout.write(b"script output\n")
+        return self.status
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture
+def stage(tmp_settings, tmp_path, monkeypatch):
+    """run() with a fake VM; returns (call, ssh-setter)."""
+    StateDir(tmp_settings.paths.state_dir).write_client_key(VM, "the client key")
+    script = tmp_path / "script"
+    script.write_bytes(b"echo hi\n")
+    hv = FakeHypervisor()
+    ssh = {"fake": FakeSSH()}
+
+    @contextmanager
+    def fake_connect(uri, ns):
+        yield hv
+
+    def fake_ssh_connect(ip, user, key, host_key, timeout, port=22):
+        assert key == "the client key" and ip == make_record().ip
+        return ssh["fake"]
+
+    monkeypatch.setattr(run_stage, "connect", fake_connect)
+    monkeypatch.setattr(run_stage.GuestSSH, "connect", staticmethod(fake_ssh_connect))
+
+    def call(err: io.BytesIO | None = None):
+        out, err = io.BytesIO(), err or io.BytesIO()
+        run_stage.run(tmp_settings, JOB, str(script), "build_script", out, err)
+        return out.getvalue(), err.getvalue()
+
+    return call, ssh, hv
+
+
+def test_a_zero_status_is_success_and_the_script_is_the_stdin(stage):
+    call, ssh, _ = stage
+    out, _ = call()
+    assert out == b"script output\n"
+    command, stdin = ssh["fake"].streams[0]
+    assert stdin == b"echo hi\n" and command.endswith("exec bash -s")
+
+
+def test_a_non_zero_status_is_a_build_failure_with_it(stage):
+    call, ssh, _ = stage
+    ssh["fake"] = FakeSSH(status=3)
+    with pytest.raises(BuildFailure) as info:
+        call()
+    assert info.value.exit_status == 3
+
+
+def test_a_shell_killed_by_a_signal_is_a_build_failure_and_says_so(stage):
+    call, ssh, _ = stage
+    ssh["fake"] = FakeSSH(status=None)
+    err = io.BytesIO()
+    with pytest.raises(BuildFailure) as info:
+        call(err)
+    assert info.value.exit_status == 255
+    assert b"the build_script shell was killed by a signal" in err.getvalue()
+
+
+def test_a_lost_connection_is_a_system_failure_not_the_jobs(stage):
+    call, ssh, _ = stage
+    ssh["fake"] = FakeSSH(error=SystemFailure("ssh connection to the VM was lost"))
+    with pytest.raises(SystemFailure) as info:
+        call()
+    assert not isinstance(info.value, BuildFailure)
+
+
+def test_a_vm_that_is_not_running_is_a_system_failure_before_any_ssh(stage):
+    call, ssh, hv = stage
+    hv.info = DomainInfo(VM, "shutoff", hv.info.metadata)
+    with pytest.raises(SystemFailure, match="not running"):
+        call()
+    assert ssh["fake"].streams == []

@@ -177,7 +177,7 @@ def hold_addresses(settings: Settings, host: Settings, lv: Libvirt) -> str:
         record = parse_job_record(info.metadata) if info.metadata else None
         if record and record.ip:
             in_use.add(record.ip)
-    candidates = [str(a) for a in naming.vm_addresses(settings.network)]
+    candidates = [str(a) for a in naming.vm_addresses(settings.subnet)]
     free = [ip for ip in reversed(candidates) if ip not in in_use]
     if not free:
         raise BenchError("no unused VM address in the subnet")

@@ -1,13 +1,17 @@
-"""Facts about the host machine read from /proc, /sys and /dev: CPU flags, KVM, free space."""
+"""Facts about the host machine read from /proc, /sys and /dev (CPU flags, KVM, free space, its
+addresses, bridge netfilter) and name resolution."""
 
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import shutil
+import socket
+import threading
 from dataclasses import dataclass
 
-from executor.core import accel
+from executor.core import accel, netpolicy
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -44,3 +48,43 @@ def kvm_device(path: str = KVM_DEVICE) -> DeviceMode | None:
 
 def free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
+
+
+BRIDGE_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+
+
+def local_ipv4_addresses() -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address of this host, on every interface, as the kernel has them now."""
+    try:
+        with open("/proc/net/fib_trie", encoding="ascii", errors="replace") as f:
+            return netpolicy.local_addresses(f.read())
+    except OSError:
+        return []
+
+
+def bridge_netfilter() -> bool | None:
+    """Whether bridged frames go through iptables (what nwfilter's IP rules need): True/False,
+    None if the br_netfilter module is not loaded at all."""
+    try:
+        with open(BRIDGE_NF_CALL_IPTABLES, encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except FileNotFoundError:
+        return None
+
+
+def resolve_ipv4(host: str, timeout: float = 5.0) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses `host` resolves to here, [] if it does not resolve within `timeout`
+    (getaddrinfo has no timeout of its own, so it runs in a thread that may be abandoned)."""
+    found: list[ipaddress.IPv4Address] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return
+        found.extend(ipaddress.IPv4Address(info[4][0]) for info in infos)
+
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return sorted(set(found)) if not worker.is_alive() else []

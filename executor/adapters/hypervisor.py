@@ -309,13 +309,37 @@ class Hypervisor:
             raise _failure(f"reading pool {pool}", exc) from None
 
     def nwfilter_exists(self, name: str) -> bool:
+        return self.nwfilter_xml(name) is not None
+
+    def nwfilter_xml(self, name: str) -> str | None:
+        """The definition of nwfilter `name`, None if there is none."""
         try:
-            self._conn.nwfilterLookupByName(name)
-            return True
+            return str(self._conn.nwfilterLookupByName(name).XMLDesc(0))
         except libvirt.libvirtError as exc:
             if _code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
-                return False
+                return None
             raise _failure(f"looking up nwfilter {name}", exc) from None
+
+    def define_nwfilter(self, xml: str) -> None:
+        """Define (or redefine: libvirt updates running VMs' rules at once) an nwfilter. A
+        redefinition must carry the existing filter's uuid, so it is added here."""
+        root = ET.fromstring(xml)
+        try:
+            existing = self._conn.nwfilterLookupByName(root.get("name", ""))
+        except libvirt.libvirtError as exc:
+            if _code(exc) != libvirt.VIR_ERR_NO_NWFILTER:
+                raise _failure("looking up nwfilter", exc) from None
+        else:
+            for old in root.findall("uuid"):
+                root.remove(old)
+            uuid = ET.Element("uuid")
+            uuid.text = existing.UUIDString()
+            root.insert(0, uuid)
+            xml = ET.tostring(root, encoding="unicode")
+        try:
+            self._conn.nwfilterDefineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise _failure("defining nwfilter", exc) from None
 
     def kvm_offered(self, arch: str = "x86_64") -> bool:
         """Whether libvirt offers KVM for `arch`. Necessary, not sufficient: a paravirtual

@@ -8,6 +8,7 @@ the job is left on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -16,13 +17,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from executor.admin.listing import leftovers
 from executor.core import naming
-from executor.core.settings import Settings
+from executor.core.settings import Settings, settings_toml
 from executor.errors import SystemFailure
 from executor.testing.runnersim import RunnerSim, StageResult
 
@@ -90,7 +92,15 @@ def run_demo(settings: Settings, config_file: str, say: Callable[[str], None] = 
     with tempfile.TemporaryDirectory(prefix="lvx-demo-") as tmp:
         root = Path(tmp)
         with served_repository(root / "git", str(settings.gateway), readme) as (url, sha):
-            _run_demo_job(settings, config_file, root / "runner", job_id, url, sha, say)
+            # The VMs may reach only the host ports the config opens: open the git server's.
+            port = int(urllib.parse.urlsplit(url).port or 80)
+            network = dataclasses.replace(
+                settings.network, allow_host_ports=(*settings.network.allow_host_ports, port)
+            )
+            demo_config = root / "config.toml"
+            demo_config.write_text(settings_toml(dataclasses.replace(settings, network=network)))
+            say(f"--- serving the demo repository at {url} (config {config_file} plus that port open)")
+            _run_demo_job(settings, str(demo_config), root / "runner", job_id, url, sha, say)
 
 
 def _run_demo_job(

@@ -16,6 +16,7 @@ from executor.adapters.hypervisor import Hypervisor, connect
 from executor.core import accel, naming
 from executor.core.jobenv import Job
 from executor.core.jsonvalues import object_at
+from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.core.settings import GIB, Settings
 from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
 from executor.jobvm.accel import choose_accel
@@ -119,7 +120,16 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
                 f"edit {config_file} (see config.example.toml), or run libvirt-executor setup",
             )
         )
-        for name in ("libvirt", "accelerator", "storage pool", "disk space", "network", "base image", "state dirs"):
+        for name in (
+            "libvirt",
+            "accelerator",
+            "storage pool",
+            "disk space",
+            "network",
+            "network policy",
+            "base image",
+            "state dirs",
+        ):
             add(Check(name, None, "needs a valid config"))
         return checks
 
@@ -134,7 +144,7 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             add(Check("libvirt", False, f"failed during the checks: {exc}", "check libvirtd's log"))
         else:
             add(Check("libvirt", False, str(exc), "start libvirtd (no systemd: `virtlogd -d; libvirtd -d`)"))
-            for name in ("accelerator", "storage pool", "disk space", "network"):
+            for name in ("accelerator", "storage pool", "disk space", "network", "network policy"):
                 add(Check(name, None, "needs libvirt"))
     image = add(_check_image(settings))
     for mirror in settings.docker.registry_mirrors:
@@ -174,6 +184,7 @@ def _libvirt_checks(settings: Settings, hv: Hypervisor, add: Callable[[Check], C
     for check in _check_pool(settings, hv):
         add(check)
     add(_check_network(settings, hv))
+    add(_check_network_policy(settings, hv))
 
 
 def _check_accel(settings: Settings, hv: Hypervisor) -> Check:
@@ -214,7 +225,7 @@ def _check_pool(settings: Settings, hv: Hypervisor) -> list[Check]:
 
 
 def _check_network(settings: Settings, hv: Hypervisor) -> Check:
-    network, nwfilter = settings.libvirt.network, settings.libvirt.nwfilter
+    network = settings.libvirt.network
     active = hv.network_active(network)
     if active is None:
         return Check("network", False, f"network {network} does not exist", "libvirt-executor setup")
@@ -225,15 +236,44 @@ def _check_network(settings: Settings, hv: Hypervisor) -> Check:
             f"network {network} is not active",
             f"virsh net-start {network} (or libvirt-executor setup)",
         )
-    if nwfilter and not hv.nwfilter_exists(nwfilter):
+    return Check("network", True, f"{network} active ({settings.libvirt.subnet})")
+
+
+def _check_network_policy(settings: Settings, hv: Hypervisor) -> Check:
+    """The nwfilter that keeps VMs off the host, the LAN and cloud metadata, and what it needs."""
+    nwfilter = settings.libvirt.nwfilter
+    if nwfilter != FILTER_NAME:
+        what = f"libvirt.nwfilter = {nwfilter!r}" if nwfilter else "no nwfilter"
         return Check(
-            "network",
+            "network policy",
             False,
-            f"nwfilter {nwfilter} does not exist",
-            'install libvirt\'s shipped nwfilters, or set libvirt.nwfilter = "" (not recommended)',
+            f"{what}: job VMs can reach the host's services, the LAN and cloud metadata",
+            f'set libvirt.nwfilter = "{FILTER_NAME}" (libvirt-executor setup defines it)',
         )
-    filt = f", nwfilter {nwfilter}" if nwfilter else ", no nwfilter"
-    return Check("network", True, f"{network} active ({settings.libvirt.subnet}{filt})")
+    defined = hv.nwfilter_xml(nwfilter)
+    if defined is None:
+        return Check("network policy", False, f"nwfilter {nwfilter} does not exist", "libvirt-executor setup")
+    if not same_rules(defined, build_job_filter(nwfilter)):
+        return Check(
+            "network policy", False, f"nwfilter {nwfilter} differs from this version's rules", "libvirt-executor setup"
+        )
+    bridged = hostinfo.bridge_netfilter()
+    if not bridged:
+        state = "not loaded" if bridged is None else "off (net.bridge.bridge-nf-call-iptables = 0)"
+        return Check(
+            "network policy",
+            False,
+            f"br_netfilter is {state}: the filter's IP rules never see the VMs' traffic",
+            "modprobe br_netfilter && sysctl -w net.bridge.bridge-nf-call-iptables=1 (and make both persistent)",
+        )
+    net = settings.network
+    ports = ", ".join(str(p) for p in sorted({53, *net.allow_host_ports}))
+    return Check(
+        "network policy",
+        True,
+        f"nwfilter {nwfilter}: host ports {ports}, {len(net.blocked_networks)} blocked networks + the host's "
+        f"addresses, {len(net.allowed_networks)} allowed; IPv6 dropped",
+    )
 
 
 def _check_kvm_device(path: str = hostinfo.KVM_DEVICE) -> Check | None:

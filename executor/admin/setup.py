@@ -12,13 +12,14 @@ from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
 from executor.core import naming
 from executor.core.domain_xml import build_dir_pool, build_nat_network
+from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.errors import ConfigError
 
 SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example.toml"
 
 
 def setup_host(config_file: str, example: str | None = None) -> list[str]:
-    """Create the config (if missing), directories, storage pool and network. Idempotent:
+    """Create the config (if missing), directories, storage pool, nwfilter and network. Idempotent:
     returns what it changed, an empty list when the host was already set up."""
     changes: list[str] = []
     config = Path(config_file)
@@ -43,7 +44,7 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
             changes.append(f"created {path}")
     StateDir(settings.paths.state_dir).ensure()
 
-    net = settings.network
+    net = settings.subnet
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
         if hv.ensure_pool(settings.libvirt.pool, build_dir_pool(settings.libvirt.pool, settings.libvirt.pool_path)):
             changes.append(f"storage pool {settings.libvirt.pool} at {settings.libvirt.pool_path} defined and started")
@@ -53,6 +54,14 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
             str(settings.gateway),
             str(ipaddress.IPv4Network(net).netmask),
         )
+        # Defined whatever the config says, so that switching libvirt.nwfilter to it is one edit.
+        wanted = build_job_filter(FILTER_NAME)
+        defined = hv.nwfilter_xml(FILTER_NAME)
+        if defined is None or not same_rules(defined, wanted):
+            hv.define_nwfilter(wanted)
+            changes.append(
+                f"nwfilter {FILTER_NAME} {'defined' if defined is None else 'updated'} (the VM network policy)"
+            )
         if hv.ensure_network(settings.libvirt.network, network_xml):
             changes.append(
                 f"network {settings.libvirt.network} ({net}, bridge {settings.libvirt.bridge}) defined and started"

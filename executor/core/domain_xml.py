@@ -50,7 +50,9 @@ class VMSpec:
     domain_type: str = "qemu"  # "qemu" is TCG, "kvm" hardware; "test" for libvirt's test driver
     arch: str = "x86_64"
     machine: str | None = "q35"
-    nwfilter: str = ""  # e.g. "clean-traffic"; empty for none
+    nwfilter: str = ""  # e.g. "lvx-job" or "clean-traffic"; empty for none
+    # The filter's parameters (core.netpolicy.filter_parameters); () means just IP pinning.
+    filter_parameters: tuple[tuple[str, str], ...] = ()
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -144,10 +146,11 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     _sub(iface, "mac", address=spec.mac)
     _sub(iface, "model", type="virtio")
     if spec.nwfilter:
-        # Pin the VM to its assigned address: no IP/MAC/ARP spoofing of other jobs' VMs.
+        # Pin the VM to its assigned address (no IP/MAC/ARP spoofing of other jobs' VMs), and
+        # with our filter, the destinations it may reach.
         ref = _sub(iface, "filterref", filter=spec.nwfilter)
-        _sub(ref, "parameter", name="IP", value=spec.ip)
-        _sub(ref, "parameter", name="CTRL_IP_LEARNING", value="none")
+        for name, value in spec.filter_parameters or (("IP", spec.ip), ("CTRL_IP_LEARNING", "none")):
+            _sub(ref, "parameter", name=name, value=value)
     # Isolated ports cannot talk to each other, only to the bridge (host) and beyond.
     _sub(iface, "port", isolated="yes")
 

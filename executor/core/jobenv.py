@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ JOB_RESPONSE_FILE = "JOB_RESPONSE_FILE"
 DEFAULT_JOB_TIMEOUT_S = 3600
 
 _SAFE_TEXT = re.compile(r"[^A-Za-z0-9_./@:+ -]")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class Job:
     pipeline_id: int | None
     runner_id: int | None
     timeout_s: int
+    # The host of the repository URL GitLab sent (git_info.repo_url, set by GitLab, not by the
+    # job; its credentials are dropped): the server the VM must reach for git and artifacts.
+    gitlab_host: str | None = None
 
 
 def _safe_text(value: Any, limit: int = 200) -> str:
@@ -60,6 +65,17 @@ def _first_variable(variables: Any, key: str) -> Any:
     return None
 
 
+def _repository_host(git_info: dict[str, Any]) -> str | None:
+    url = git_info.get("repo_url")
+    if not isinstance(url, str):
+        return None
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host if host and _HOST_NAME.match(host) else None
+
+
 def parse_job(payload_text: str) -> Job:
     try:
         payload = json.loads(payload_text)
@@ -82,6 +98,7 @@ def parse_job(payload_text: str) -> Job:
         pipeline_id=_positive_int(_first_variable(variables, "CI_PIPELINE_ID")),
         runner_id=_positive_int(_first_variable(variables, "CI_RUNNER_ID")),
         timeout_s=timeout,
+        gitlab_host=_repository_host(object_at(payload, "git_info")),
     )
 
 

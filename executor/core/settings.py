@@ -8,6 +8,7 @@ default. Pure: `parse_settings` takes text; `adapters.hostfiles.load_settings` r
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 import tomllib
@@ -17,6 +18,8 @@ from typing import Any
 
 from executor.core.imagerecipe import BUILDS_DIR, CACHE_DIR, JOB_USER
 from executor.core.naming import USER_NAME
+from executor.core.netpolicy import DEFAULT_BLOCKED_NETWORKS
+from executor.core.nwfilter_xml import FILTER_NAME
 from executor.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/libvirt-executor/config.toml"
@@ -37,7 +40,7 @@ class LibvirtSettings:
     network: str = "libvirt-executor"
     bridge: str = "lvxbr0"
     subnet: str = "192.168.213.0/24"
-    nwfilter: str = "clean-traffic"  # pins each VM to its MAC and IP; "" disables
+    nwfilter: str = FILTER_NAME  # ours: clean-traffic + destination rules; "" disables (not recommended)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,15 @@ class DockerSettings:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    """What a job VM may reach besides the public internet (core.netpolicy has the rules)."""
+
+    allow_host_ports: tuple[int, ...] = ()  # TCP ports on the host's VM-network address
+    blocked_networks: tuple[str, ...] = DEFAULT_BLOCKED_NETWORKS  # plus every host address
+    allowed_networks: tuple[str, ...] = ()  # exceptions to blocked_networks
+
+
+@dataclass(frozen=True)
 class Settings:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -90,15 +102,16 @@ class Settings:
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     @property
-    def network(self) -> ipaddress.IPv4Network:
+    def subnet(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.libvirt.subnet)
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
         """The host's address on the VM bridge: the subnet's first address."""
-        return self.network.network_address + 1
+        return self.subnet.network_address + 1
 
 
 _SECTIONS: dict[str, type] = {
@@ -108,10 +121,11 @@ _SECTIONS: dict[str, type] = {
     "timeouts": TimeoutSettings,
     "paths": PathSettings,
     "docker": DockerSettings,
+    "network": NetworkSettings,
 }
 
 
-def _coerce(section: str, name: str, default: Any, value: Any, problems: list[str]) -> Any:
+def _coerce(section: str, name: str, kind: str, default: Any, value: Any, problems: list[str]) -> Any:
     key = f"{section}.{name}"
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -129,6 +143,10 @@ def _coerce(section: str, name: str, default: Any, value: Any, problems: list[st
         if isinstance(value, str):
             return value
         problems.append(f"{key}: expected a string, got {value!r}")
+    elif isinstance(default, tuple) and kind == "tuple[int, ...]":
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        problems.append(f"{key}: expected a list of integers, got {value!r}")
     elif isinstance(default, tuple):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
@@ -190,6 +208,22 @@ def _check(s: Settings, problems: list[str]) -> None:
     for reg in s.docker.insecure_registries:
         if not re.match(r"^[A-Za-z0-9.\-\[\]:/]+$", reg):
             problems.append(f"docker.insecure_registries: {reg!r} is not a host[:port] or CIDR")
+    _check_network(s.network, problems)
+
+
+def _check_network(n: NetworkSettings, problems: list[str]) -> None:
+    for port in n.allow_host_ports:
+        if not 1 <= port <= 65535:
+            problems.append(f"network.allow_host_ports: {port} is not a TCP port (1-65535)")
+    for key, networks in (
+        ("network.blocked_networks", n.blocked_networks),
+        ("network.allowed_networks", n.allowed_networks),
+    ):
+        for text in networks:
+            try:
+                ipaddress.IPv4Network(text)
+            except ValueError as exc:
+                problems.append(f"{key}: {text!r} is not an IPv4 network like 10.1.2.3/32 ({exc})")
 
 
 def parse_settings(text: str, source: str = "<config>") -> Settings:
@@ -209,13 +243,14 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
             continue
         cls = _SECTIONS[section]
         defaults = cls()
-        known = {f.name for f in fields(cls)}
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        known = set(kinds)
         kwargs = {}
         for name, item in value.items():
             if name not in known:
                 problems.append(f"{section}.{name}: unknown key (known: {', '.join(sorted(known))})")
                 continue
-            kwargs[name] = _coerce(section, name, getattr(defaults, name), item, problems)
+            kwargs[name] = _coerce(section, name, kinds[name], getattr(defaults, name), item, problems)
         sections[section] = cls(**kwargs)
     settings = Settings(**sections)
     _check(settings, problems)
@@ -226,3 +261,27 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
 
 def config_path(explicit: str | None, environ: Mapping[str, str]) -> str:
     return explicit or environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def settings_toml(settings: Settings) -> str:
+    """`settings` as a config file that `parse_settings` reads back to the same settings (for a
+    config derived from another, e.g. the demo's with its git server's port open)."""
+    lines = []
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        values = getattr(settings, section)
+        lines += [f"{f.name} = {_toml_value(getattr(values, f.name))}" for f in fields(values)]
+        lines.append("")
+    return "\n".join(lines)

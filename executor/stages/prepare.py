@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from executor.adapters import hostinfo
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
 from executor.adapters.hostfiles import console_log, console_tail, load_base_image
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.keys import generate_ed25519
 from executor.adapters.seed_iso import build_seed_iso
 from executor.adapters.statedir import StateDir
-from executor.core import accel, naming
+from executor.core import accel, naming, netpolicy
 from executor.core.baseimage import BaseImage, config_disagreements
 from executor.core.domain_xml import (
     JobRecord,
@@ -76,7 +77,10 @@ def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) ->
                 teardown(hv, settings, state, vm)
                 choice = choose_accel(settings, hv)
                 log.info("preparing %s (%s: %s)", vm, choice.accel, choice.reason)
-                ip = _create_vm(hv, settings, state, image, job, vm, choice, timings)
+                policy = network_policy(settings, job)
+                for note in policy.notes:
+                    out(f"{DRIVER_NAME}: {note}")
+                ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, timings)
                 with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
                     _wait_for_docker(hv, settings, vm, ssh, timings)
         except BaseException as exc:
@@ -88,6 +92,23 @@ def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) ->
         f"boot-to-ssh {timings.between('started', 'ssh'):.1f}s, "
         f"ssh-to-docker {timings.between('ssh', 'docker'):.1f}s, "
         f"total {timings.between(None, 'docker'):.1f}s"
+    )
+
+
+def network_policy(settings: Settings, job: Job) -> netpolicy.Policy:
+    """What this job's VM may reach: the configured policy, the host's addresses as they are
+    now, and the job's GitLab server."""
+    net = settings.network
+    server = None
+    if job.gitlab_host:
+        server = (job.gitlab_host, hostinfo.resolve_ipv4(job.gitlab_host))
+    return netpolicy.decide(
+        settings.gateway,
+        net.allow_host_ports,
+        net.allowed_networks,
+        net.blocked_networks,
+        hostinfo.local_ipv4_addresses(),
+        server,
     )
 
 
@@ -116,11 +137,12 @@ def _create_vm(
     job: Job,
     vm: str,
     choice: accel.Choice,
+    policy: netpolicy.Policy,
     timings: Timings,
 ) -> str:
     """Reserve the address, make the keys, the seed and the overlay, define and start the
     domain; the VM's IP."""
-    ip = state.allocate_ip(vm, naming.vm_addresses(settings.network))
+    ip = state.allocate_ip(vm, naming.vm_addresses(settings.subnet))
     client_private, client_public = generate_ed25519(f"{vm}-client")
     host_private, host_public = generate_ed25519(vm)
     state.write_client_key(vm, client_private)
@@ -135,7 +157,9 @@ def _create_vm(
 
     console = console_log(settings, vm)
     console.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    spec = _domain_spec(settings, image, job, vm, ip, choice, host_public, overlay_path, seed_path, str(console))
+    spec = _domain_spec(
+        settings, image, job, vm, ip, choice, host_public, overlay_path, seed_path, str(console), policy
+    )
     timings.mark("defining")
     hv.define_and_start(build_domain(spec))
     timings.mark("started")
@@ -154,6 +178,7 @@ def _domain_spec(
     overlay_path: str,
     seed_path: str,
     console: str,
+    policy: netpolicy.Policy,
 ) -> VMSpec:
     """The domain of the job's VM, with the metadata later stages and `reap` read."""
     now = int(time.time())
@@ -187,6 +212,7 @@ def _domain_spec(
         record=record,
         domain_type=choice.domain_type,
         nwfilter=settings.libvirt.nwfilter,
+        filter_parameters=tuple(netpolicy.filter_parameters(ip, str(settings.gateway), policy)),
     )
 
 
@@ -197,7 +223,7 @@ def _write_seed(
     seed = build_seed_iso(
         SeedSpec(
             hostname=vm,
-            address=f"{ip}/{settings.network.prefixlen}",
+            address=f"{ip}/{settings.subnet.prefixlen}",
             gateway=str(settings.gateway),
             dns=(str(settings.gateway),),
             mac=naming.mac_for(ipaddress.IPv4Address(ip)),

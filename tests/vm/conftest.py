@@ -7,7 +7,9 @@ and `image build` made. A missing prerequisite fails the tests with the fix, nev
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from executor.adapters.hostfiles import load_settings
 from executor.admin.demo import served_repository
 from executor.admin.listing import leftovers as host_leftovers
+from executor.core.nwfilter_xml import FILTER_NAME
 from executor.core.settings import config_path
 
 LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
@@ -38,11 +41,18 @@ def host_settings():
 
 
 def write_test_config(
-    host_settings, directory: Path, prefix: str, expiry_margin: int = 1800, pool: tuple[str, str] | None = None
+    host_settings,
+    directory: Path,
+    prefix: str,
+    expiry_margin: int = 1800,
+    pool: tuple[str, str] | None = None,
+    allow_host_ports: tuple[int, ...] = (),
+    allowed_networks: tuple[str, ...] = (),
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
-    console-log dir."""
+    console-log dir, and the executor's network policy (nwfilter lvx-job, whatever the host's
+    config says) with these host ports and networks open."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -54,7 +64,7 @@ pool_path = "{pool_path}"
 network = "{s.libvirt.network}"
 bridge = "{s.libvirt.bridge}"
 subnet = "{s.libvirt.subnet}"
-nwfilter = "{s.libvirt.nwfilter}"
+nwfilter = "{FILTER_NAME}"
 
 [image]
 dir = "{s.image.dir}"
@@ -73,6 +83,10 @@ expiry_margin = {expiry_margin}
 [paths]
 state_dir = "{s.paths.state_dir}"
 console_log_dir = "{directory / "console"}"
+
+[network]
+allow_host_ports = {list(allow_host_ports)}
+allowed_networks = {json.dumps(list(allowed_networks))}
 """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"
@@ -95,4 +109,4 @@ def git_server(host_settings, tmp_path_factory):
     }
     root = tmp_path_factory.mktemp("gitsrv")
     with served_repository(root, str(host_settings.gateway), files) as (url, sha):
-        yield {"url": url, "sha": sha}
+        yield {"url": url, "sha": sha, "port": int(urllib.parse.urlsplit(url).port or 80)}

@@ -285,8 +285,8 @@ def test_job_without_cleanup_is_reaped_after_expiry_and_not_before(crash, tmp_pa
         assert record.expires - record.created == 600 + 60  # job timeout + expiry_margin
 
         # The runner crashed: no cleanup. A reaper every minute must leave the job alone...
-        reap = executor(config, "reap")
-        assert reap.returncode == 0 and vm not in reap.stdout, reap.stdout
+        reaped = executor(config, "reap")
+        assert reaped.returncode == 0 and vm not in reaped.stdout, reaped.stdout
         listing = json.loads(executor(config, "list", "--json").stdout)
         assert [(v["name"], v["state"], v["expired"], v["busy"]) for v in listing["vms"]] == [
             (vm, "running", False, False)
@@ -328,8 +328,8 @@ def test_reap_ignores_a_domain_that_is_not_ours(crash):
         with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
             hv.create_volume(settings.libvirt.pool, build_raw_volume(naming.overlay_volume_name(vm), 4096))
         for args in (("reap",), ("reap", "--older-than", "0s")):
-            reap = executor(config, *args)
-            assert reap.returncode == 0, reap.stdout + reap.stderr
+            reaped = executor(config, *args)
+            assert reaped.returncode == 0, reaped.stdout + reaped.stderr
         assert reap(settings, older_than=0, now=time.time() + 10**9).actions == []
         left = leftovers(settings)
         assert left.get("domains") == [vm] and left.get("volumes") == [naming.overlay_volume_name(vm)]
@@ -420,8 +420,8 @@ def test_zz_requests_a_killed_prepare_left_in_libvirtd_are_reaped_too(crash):
     config, settings = crash
     deadline = time.monotonic() + 300
     while True:
-        reap = executor(config, "reap")
-        assert reap.returncode == 0, reap.stdout + reap.stderr
+        reaped = executor(config, "reap")
+        assert reaped.returncode == 0, reaped.stdout + reaped.stderr
         left = leftovers(settings)
         if not left or time.monotonic() > deadline:
             break

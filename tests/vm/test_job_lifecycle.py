@@ -30,9 +30,9 @@ JOB_ID = 4242
 
 
 @pytest.fixture(scope="module")
-def job(host_settings, tmp_path_factory, leftovers):
+def job(host_settings, tmp_path_factory, leftovers, git_server):
     root = tmp_path_factory.mktemp("lifecycle")
-    config = write_test_config(host_settings, root / "cfg", "lvxlife")
+    config = write_test_config(host_settings, root / "cfg", "lvxlife", allow_host_ports=(git_server["port"],))
     # A job may set CI_JOB_ID to anything; the executor must ignore it (identity = payload id).
     sim = RunnerSim(config, root / "runner", JOB_ID, variables={"CI_JOB_ID": "1"})
     prepared = sim.prepare()

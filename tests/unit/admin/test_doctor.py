@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from executor import cli
+from executor.adapters import hostinfo
+from executor.adapters.hypervisor import Hypervisor
 from executor.admin import doctor as doctor_module
 from executor.admin.doctor import doctor
+from executor.core.nwfilter_xml import build_job_filter
 
 VIRTUAL = 4 * 1024**3
 
@@ -46,12 +49,20 @@ def fake_image(directory, *, virtual=VIRTUAL, lie_about_kernel=False):
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def write_config(tmp_path, *, mirrors=(), uri="test:///default", extra=""):
+@pytest.fixture(autouse=True)
+def policy_in_place(monkeypatch):
+    """libvirt's test driver has no nwfilter support: stand in for our filter being defined, and
+    for br_netfilter being on, unless a test says otherwise."""
+    monkeypatch.setattr(Hypervisor, "nwfilter_xml", lambda self, name: build_job_filter(name))
+    monkeypatch.setattr(hostinfo, "bridge_netfilter", lambda: True)
+
+
+def write_config(tmp_path, *, mirrors=(), uri="test:///default", extra="", nwfilter="lvx-job"):
     (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
     (tmp_path / "console").mkdir(exist_ok=True)
     config = tmp_path / "config.toml"
     config.write_text(
-        f'[libvirt]\nuri = "{uri}"\npool = "default-pool"\nnetwork = "default"\nnwfilter = ""\n'
+        f'[libvirt]\nuri = "{uri}"\npool = "default-pool"\nnetwork = "default"\nnwfilter = "{nwfilter}"\n'
         f'[image]\ndir = "{tmp_path / "image"}"\n'
         f'[paths]\nstate_dir = "{tmp_path / "state"}"\nconsole_log_dir = "{tmp_path / "console"}"\n'
         f"[docker]\nregistry_mirrors = {json.dumps(list(mirrors))}\n{extra}"
@@ -78,6 +89,7 @@ def test_healthy_host_passes_every_check(hv, tmp_path):
         "storage pool",
         "disk space",
         "network",
+        "network policy",
         "base image",
     ]
     assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
@@ -230,3 +242,33 @@ def test_boot_probe_passes_with_prepare_s_timings_line(tmp_settings, monkeypatch
     check = doctor_module._boot_probe(tmp_settings)
     assert check.ok is True and check.detail == "lvx-job-1 ready at 10.0.0.9"
     assert cleaned and cleaned[0] >= doctor_module.PROBE_JOB_ID_BASE
+
+
+def test_network_policy_check_passes_and_names_what_is_open(hv, tmp_path):
+    fake_image(tmp_path / "image")
+    check = by_name(doctor(write_config(tmp_path, extra="[network]\nallow_host_ports = [5000]\n")))["network policy"]
+    assert check.ok is True and "host ports 53, 5000" in check.detail and "IPv6 dropped" in check.detail
+
+
+@pytest.mark.parametrize(
+    ("nwfilter", "defined", "bridged", "says", "fix"),
+    [
+        ("clean-traffic", "ours", True, "can reach the host's services", 'set libvirt.nwfilter = "lvx-job"'),
+        ("", "ours", True, "no nwfilter: job VMs can reach", 'set libvirt.nwfilter = "lvx-job"'),
+        ("lvx-job", None, True, "nwfilter lvx-job does not exist", "libvirt-executor setup"),
+        ("lvx-job", "old", True, "differs from this version's rules", "libvirt-executor setup"),
+        ("lvx-job", "ours", False, "bridge-nf-call-iptables = 0", "modprobe br_netfilter"),
+        ("lvx-job", "ours", None, "br_netfilter is not loaded", "modprobe br_netfilter"),
+    ],
+)
+def test_network_policy_check_fails_with_the_fix(hv, tmp_path, monkeypatch, nwfilter, defined, bridged, says, fix):
+    xml = {
+        "ours": build_job_filter("lvx-job"),
+        "old": "<filter name='lvx-job' chain='root'><filterref filter='clean-traffic'/></filter>",
+        None: None,
+    }[defined]
+    monkeypatch.setattr(Hypervisor, "nwfilter_xml", lambda self, name: xml)
+    monkeypatch.setattr(hostinfo, "bridge_netfilter", lambda: bridged)
+    fake_image(tmp_path / "image")
+    check = by_name(doctor(write_config(tmp_path, nwfilter=nwfilter)))["network policy"]
+    assert check.ok is False and says in check.detail and fix in check.fix

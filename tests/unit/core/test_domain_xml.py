@@ -224,3 +224,18 @@ def test_libvirt_test_driver_accepts_the_volumes_pool_and_network(hv):
     assert hv.ensure_pool("lvx-pool", build_dir_pool("lvx-pool", "/nonexistent/lvx-pool")) is True
     assert hv.ensure_network("lvx-net", build_nat_network("lvx-net", "lvxbr9", "192.168.213.1", "255.255.255.0"))
     assert hv.network_active("lvx-net") is True
+
+
+def test_the_network_policy_goes_into_the_filterref_parameters_in_order(make_spec, make_record):
+    params = (
+        ("IP", "192.168.122.10"),
+        ("CTRL_IP_LEARNING", "none"),
+        ("GATEWAY", "192.168.122.1"),
+        ("HOST_PORT", "53"),
+        ("BLOCK_NET", "10.0.0.0"),
+        ("BLOCK_MASK", "8"),
+    )
+    spec = make_spec(record=make_record(), nwfilter="lvx-job", filter_parameters=params)
+    ref = ET.fromstring(build_domain(spec)).find("devices/interface/filterref")
+    assert ref.get("filter") == "lvx-job"
+    assert [(p.get("name"), p.get("value")) for p in ref.findall("parameter")] == list(params)

@@ -161,6 +161,7 @@ def test_job_token_and_secret_variables_are_not_kept():
         "pipeline_id",
         "runner_id",
         "timeout_s",
+        "gitlab_host",
     }
     assert set(vars(job)) == {f.name for f in dataclasses.fields(job)}  # no extra attributes
     text = repr(job) + repr(dataclasses.astuple(job))
@@ -173,3 +174,20 @@ def test_job_response_path():
     for env in ({}, {JOB_RESPONSE_FILE: ""}):
         with pytest.raises(JobError, match=JOB_RESPONSE_FILE):
             job_response_path(env)
+
+
+@pytest.mark.parametrize(
+    ("repo_url", "host"),
+    [
+        ("https://gitlab-ci-token:glcbt-SECRET@gitlab.example.com/group/project.git", "gitlab.example.com"),
+        ("http://10.1.2.3:8080/group/project.git", "10.1.2.3"),
+        ("https://GitLab.Example.com/x.git", "gitlab.example.com"),
+        ("https://bad host;rm/x.git", None),
+        ("not a url", None),
+        (17, None),
+    ],
+)
+def test_gitlab_host_is_the_repository_url_host_without_its_credentials(repo_url, host):
+    job = parse(git_info={"repo_url": repo_url})
+    assert job.gitlab_host == host
+    assert "SECRET" not in repr(job)

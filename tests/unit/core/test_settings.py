@@ -14,6 +14,7 @@ from executor.core.settings import (
     Settings,
     config_path,
     parse_settings,
+    settings_toml,
 )
 from executor.errors import ConfigError
 
@@ -58,7 +59,7 @@ def test_settings_are_frozen():
 
 def test_network_and_gateway_come_from_the_subnet():
     s = parse_settings('[libvirt]\nsubnet = "10.20.30.0/24"')
-    assert str(s.network) == "10.20.30.0/24"
+    assert str(s.subnet) == "10.20.30.0/24"
     assert str(s.gateway) == "10.20.30.1"
 
 
@@ -183,3 +184,14 @@ def test_config_path_precedence():
     assert config_path(None, {CONFIG_PATH_ENV: "/env.toml"}) == "/env.toml"
     assert config_path(None, {CONFIG_PATH_ENV: ""}) == DEFAULT_CONFIG_PATH
     assert config_path(None, {}) == DEFAULT_CONFIG_PATH
+
+
+def test_settings_written_as_toml_read_back_the_same():
+    text = (
+        '[libvirt]\naccel = "tcg"\nsubnet = "10.20.30.0/24"\n[vm]\nname_prefix = "ci"\nvcpus = 3\n'
+        '[timeouts]\nboot = 12.5\n[docker]\nregistry_mirrors = ["http://m:5000"]\n'
+        '[network]\nallow_host_ports = [5000, 8080]\nallowed_networks = ["10.1.2.3/32"]\n'
+    )
+    settings = parse_settings(text)
+    assert parse_settings(settings_toml(settings)) == settings
+    assert parse_settings(settings_toml(Settings())) == Settings()

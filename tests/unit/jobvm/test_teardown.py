@@ -27,7 +27,7 @@ def state(tmp_settings):
 def build_vm(hv, settings, state, driver_spec_factory, record_factory, vm=VM):
     """Everything prepare makes for `vm`: domain with our metadata, both volumes, an IP
     reservation, the client key and a console log."""
-    ip = state.allocate_ip(vm, naming.vm_addresses(settings.network))
+    ip = state.allocate_ip(vm, naming.vm_addresses(settings.subnet))
     state.write_client_key(vm, "private key")
     console = console_log(settings, vm)
     console.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def test_teardown_of_nothing_removes_nothing(hv, tmp_settings, state):
 
 def test_teardown_of_a_half_built_vm(hv, tmp_settings, state):
     # prepare died after the reservation and the seed volume, before the domain existed
-    ip = state.allocate_ip(VM, naming.vm_addresses(tmp_settings.network))
+    ip = state.allocate_ip(VM, naming.vm_addresses(tmp_settings.subnet))
     hv.create_volume(POOL, build_raw_volume(naming.seed_volume_name(VM), 4096))
     assert teardown(hv, tmp_settings, state, VM) == ["seed deleted", "IP released"]
     assert hv.volume_names(POOL) == [] and ip not in state.reservations()
@@ -117,7 +117,7 @@ FOREIGN_XML = """<domain type='test'>
 )
 def test_teardown_refuses_a_domain_without_our_metadata(hv, tmp_settings, state, metadata):
     hv.define_and_start(FOREIGN_XML.format(name=VM, metadata=metadata))
-    ip = state.allocate_ip(VM, naming.vm_addresses(tmp_settings.network))
+    ip = state.allocate_ip(VM, naming.vm_addresses(tmp_settings.subnet))
     hv.create_volume(POOL, build_raw_volume(naming.seed_volume_name(VM), 4096))
     with pytest.raises(SystemFailure, match="without libvirt-executor metadata"):
         teardown(hv, tmp_settings, state, VM)
@@ -128,7 +128,7 @@ def test_teardown_refuses_a_domain_without_our_metadata(hv, tmp_settings, state,
 
 
 def test_teardown_reports_a_failing_step_but_still_runs_the_others(hv, tmp_settings, state):
-    state.allocate_ip(VM, naming.vm_addresses(tmp_settings.network))
+    state.allocate_ip(VM, naming.vm_addresses(tmp_settings.subnet))
     settings = Settings(libvirt=LibvirtSettings(pool="no-such-pool"), paths=tmp_settings.paths)
     with pytest.raises(SystemFailure) as info:
         teardown(hv, settings, state, VM)

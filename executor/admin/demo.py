@@ -94,9 +94,7 @@ def run_demo(settings: Settings, config_file: str, say: Callable[[str], None] = 
         with served_repository(root / "git", str(settings.gateway), readme) as (url, sha):
             # The VMs may reach only the host ports the config opens: open the git server's.
             port = int(urllib.parse.urlsplit(url).port or 80)
-            network = dataclasses.replace(
-                settings.network, allow_host_ports=(*settings.network.allow_host_ports, port)
-            )
+            network = dataclasses.replace(settings.network, allow_host_ports=(*settings.network.allow_host_ports, port))
             demo_config = root / "config.toml"
             demo_config.write_text(settings_toml(dataclasses.replace(settings, network=network)))
             say(f"--- serving the demo repository at {url} (config {config_file} plus that port open)")

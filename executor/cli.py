@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from executor import __version__, errors
-from executor.adapters.hostfiles import load_job, load_settings, write_build_exit_code
+from executor.adapters.hostfiles import load_job, load_registry_credentials, load_settings, write_build_exit_code
 from executor.core.jobenv import Job
 from executor.core.settings import Settings, config_path
 
@@ -84,7 +84,8 @@ def prepare_cmd(obj: _Context) -> None:
     """prepare_exec: create and boot the job's VM, wait for SSH and Docker."""
     from executor.stages.prepare import prepare
 
-    prepare(obj.settings, _job(), out=click.echo)
+    job = _job()
+    prepare(obj.settings, job, out=click.echo, credentials=lambda: load_registry_credentials(os.environ))
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True})
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         log.error("error: interrupted by SIGINT")
         code = errors.exit_code_for(errors.Interrupted("SIGINT"), os.environ)
     except errors.BuildFailure as exc:
+        if isinstance(exc, errors.JobRefused):  # the job log must say why the job cannot run
+            log.error("error: %s", errors.describe(exc))
         code = errors.exit_code_for(exc, os.environ)
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):

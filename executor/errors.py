@@ -51,6 +51,15 @@ class BuildFailure(ExecutorError):
         self.exit_status = exit_status
 
 
+class JobRefused(BuildFailure):
+    """The job asks for something that cannot run here (an image that is not allowed or cannot
+    be pulled, an unusable service definition): the job's fault, as in GitLab's docker executor."""
+
+    def __init__(self, reason: str) -> None:
+        ExecutorError.__init__(self, reason)
+        self.exit_status = 1
+
+
 def _code_from(environ: Mapping[str, str], key: str, default: int) -> int:
     try:
         return int(environ.get(key, ""))
@@ -82,6 +91,7 @@ __all__ = [
     "ImageBuildError",
     "Interrupted",
     "JobError",
+    "JobRefused",
     "SystemFailure",
     "describe",
     "exit_code_for",

@@ -32,6 +32,9 @@ packages=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc
   qemu-system-x86 qemu-utils dnsmasq-base iptables
   debootstrap e2fsprogs git
+  # the registry mirror (distribution) and, for the vm tests, skopeo, busybox and htpasswd to
+  # make and push images locally (there is no Docker Hub here)
+  docker-registry skopeo busybox-static apache2-utils
 )
 missing=()
 for p in "${packages[@]}"; do

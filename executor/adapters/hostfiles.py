@@ -9,7 +9,7 @@ from pathlib import Path
 from executor.core import naming
 from executor.core.baseimage import BaseImage, parse_base_image
 from executor.core.imagerecipe import MANIFEST, parse_qcow2_header
-from executor.core.jobenv import Job, job_response_path, parse_job
+from executor.core.jobenv import Job, RegistryCredentials, job_response_path, parse_job, parse_registry_credentials
 from executor.core.settings import CONFIG_PATH_ENV, Settings, parse_settings
 from executor.core.text import printable_lines
 from executor.errors import ConfigError, JobError
@@ -39,14 +39,23 @@ def load_base_image(directory: str | Path) -> BaseImage:
     return parse_base_image(d, text, Path.is_file)
 
 
-def load_job(environ: Mapping[str, str]) -> Job:
-    """The job from the payload file gitlab-runner names in JOB_RESPONSE_FILE."""
+def _payload_text(environ: Mapping[str, str]) -> str:
     path = job_response_path(environ)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise JobError(f"cannot read the job payload {path}: {exc.strerror}") from None
-    return parse_job(text)
+
+
+def load_job(environ: Mapping[str, str]) -> Job:
+    """The job from the payload file gitlab-runner names in JOB_RESPONSE_FILE."""
+    return parse_job(_payload_text(environ), environ)
+
+
+def load_registry_credentials(environ: Mapping[str, str]) -> RegistryCredentials:
+    """The payload's registry credentials, read again when prepare needs them (they are not
+    part of `Job`, which every stage keeps)."""
+    return parse_registry_credentials(_payload_text(environ))
 
 
 def write_build_exit_code(exit_status: int, environ: Mapping[str, str]) -> None:

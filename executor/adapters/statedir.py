@@ -6,6 +6,7 @@ keyed by the VM name:
     <state_dir>/locks/<vm>.lock     flock held by prepare for its whole run (and by cleanup)
     <state_dir>/leases/<ip>         an IP reservation; the file holds the VM name
     <state_dir>/jobs/<vm>/client_key  the job's SSH client key (0600), for `run`
+    <state_dir>/jobs/<vm>/docker-{ca,cert,key}.pem  the executor's TLS client for the VM's dockerd
     <state_dir>/alloc.lock          serialises IP allocation between concurrent prepares
 
 A lock that is held means "a stage is working on this VM right now": reap never touches it.
@@ -29,6 +30,7 @@ from executor.core.waiting import Deadline, poll
 from executor.errors import SystemFailure
 
 CLIENT_KEY = "client_key"
+DOCKER_CA, DOCKER_CERT, DOCKER_KEY = "docker-ca.pem", "docker-cert.pem", "docker-key.pem"
 
 
 class StateDir:
@@ -188,14 +190,33 @@ class StateDir:
         return self.jobs / vm
 
     def write_client_key(self, vm: str, private_key: str) -> None:
+        self._write_private(vm, CLIENT_KEY, private_key)
+
+    def _write_private(self, vm: str, name: str, text: str) -> Path:
+        """A 0600 file in the job's 0700 directory."""
         self.ensure()  # mkdir(parents=True) alone would make the state dirs 0755
         d = self.job_dir(vm)
         d.mkdir(mode=0o700, exist_ok=True)
         os.chmod(d, 0o700)
-        fd = os.open(d / CLIENT_KEY, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        path = d / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
         with os.fdopen(fd, "w") as f:
-            f.write(private_key)
+            f.write(text)
+        return path
+
+    def write_docker_client(self, vm: str, ca: str, cert: str, key: str) -> None:
+        """The executor's TLS client material for the VM's dockerd (0600, root only)."""
+        for name, text in ((DOCKER_CA, ca), (DOCKER_CERT, cert), (DOCKER_KEY, key)):
+            self._write_private(vm, name, text)
+
+    def docker_client_files(self, vm: str) -> tuple[str, str, str]:
+        """(CA, certificate, key) paths of the job's Docker client; SystemFailure if missing."""
+        d = self.job_dir(vm)
+        paths = tuple(str(d / name) for name in (DOCKER_CA, DOCKER_CERT, DOCKER_KEY))
+        if not all(os.path.isfile(p) for p in paths):
+            raise SystemFailure(f"no Docker client certificate for {vm}: was prepare run for this job?")
+        return paths[0], paths[1], paths[2]
 
     def read_client_key(self, vm: str) -> str:
         try:

@@ -144,7 +144,10 @@ def take_kernel(rootfs: Path, kver: str, out: Path) -> None:
 
 def build_initrd(rootfs: Path, kver: str, init_script: Path) -> bytes:
     moddir = rootfs / "lib/modules" / kver
-    order = recipe.module_order((moddir / "modules.dep").read_text(), recipe.INITRD_MODULES)
+    builtin = moddir / "modules.builtin"
+    order = recipe.module_order(
+        (moddir / "modules.dep").read_text(), recipe.INITRD_MODULES, builtin.read_text() if builtin.exists() else ""
+    )
     modules = [(Path(mod).name, (moddir / mod).read_bytes()) for mod in order]
     return recipe.initrd_archive((rootfs / "bin/busybox").read_bytes(), init_script.read_bytes(), modules)
 

@@ -21,7 +21,9 @@ from executor.errors import ConfigError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-SUITE = "bookworm"
+# Debian 13: docker.io 26.1 (bookworm's 20.10 is end-of-life upstream and too old for today's
+# docker:*-cli images and buildx). Built from the mirror the host's apt uses for its own suite.
+SUITE = "trixie"
 DISK_VIRTUAL_BYTES = 20 * 1024**3
 JOB_USER = "runner"
 BUILDS_DIR = "/builds"
@@ -68,9 +70,11 @@ class RecipeFile:
 
 
 def recipe_hash(files: Iterable[RecipeFile], preload_sha256s: Iterable[str] = ()) -> str:
-    """One hash over every recipe file (path, exec bit, content) and every preload tarball:
-    the image is rebuilt exactly when one of them changes."""
+    """One hash over every recipe file (path, exec bit, content), the facts above that the recipe
+    is built with, and every preload tarball: the image is rebuilt exactly when one changes."""
     h = hashlib.sha256(f"lvx-image-format-{MANIFEST_FORMAT}\n".encode())
+    for fact in (SUITE, JOB_USER, BUILDS_DIR, CACHE_DIR, CMDLINE, *INITRD_MODULES):
+        h.update(f"fact {fact}\n".encode())
     for f in sorted(files, key=lambda f: f.path):
         h.update(f"file {f.path} {int(f.executable)} {f.sha256}\n".encode())
     for digest in preload_sha256s:
@@ -87,7 +91,12 @@ def preload_file_name(index: int, source_name: str) -> str:
 # ------------------------------------------------------------------ apt sources
 
 
-def _deb822_mirror(text: str, suite: str) -> str | None:
+def _release_suite(suite: str) -> bool:
+    """A release (bookworm, trixie, stable, ...), not -updates, -security or -backports."""
+    return bool(suite) and "-" not in suite and "/" not in suite
+
+
+def _deb822_mirror(text: str) -> str | None:
     for stanza in re.split(r"\n\s*\n", text):
         fields = {}
         for line in stanza.splitlines():
@@ -97,32 +106,34 @@ def _deb822_mirror(text: str, suite: str) -> str | None:
             fields[key.strip().lower()] = value.strip()
         if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
             continue
-        if suite in fields.get("suites", "").split() and "main" in fields.get("components", "").split():
+        suites = fields.get("suites", "").split()
+        if any(_release_suite(s) for s in suites) and "main" in fields.get("components", "").split():
             uris = fields.get("uris", "").split()
             if uris:
                 return uris[0].rstrip("/")
     return None
 
 
-def _one_line_mirror(text: str, suite: str) -> str | None:
+def _one_line_mirror(text: str) -> str | None:
     for line in text.splitlines():
         m = re.match(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s+(.*)$", line)
-        if m and m.group(2) == suite and "main" in m.group(3).split():
+        if m and _release_suite(m.group(2)) and "main" in m.group(3).split():
             return m.group(1).rstrip("/")
     return None
 
 
-def debian_mirror(sources: Iterable[tuple[str, str]], suite: str = SUITE) -> str:
-    """The mirror of the first apt source for `suite` main; `sources` are (file name, text)
-    pairs in apt's order, one-line (`.list`) or deb822 (`.sources`) format."""
+def debian_mirror(sources: Iterable[tuple[str, str]]) -> str:
+    """The mirror of the host's first apt source for a Debian release's main component (not
+    -updates or -security); `sources` are (file name, text) pairs in apt's order, one-line
+    (`.list`) or deb822 (`.sources`) format. The image's suite comes from the same mirror."""
     for name, text in sources:
         parse = _deb822_mirror if name.endswith(".sources") else _one_line_mirror
-        mirror = parse(text, suite)
+        mirror = parse(text)
         if mirror:
             return mirror
     raise ConfigError(
-        f"no Debian '{suite} main' apt source found in /etc/apt/sources.list(.d); "
-        "configure one so debootstrap can use the same mirror"
+        "no Debian release 'main' apt source found in /etc/apt/sources.list(.d); "
+        f"configure one so debootstrap can build {SUITE} from the same mirror"
     )
 
 
@@ -162,9 +173,11 @@ class Cpio:
         return self.buf.getvalue()
 
 
-def module_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
+def module_order(modules_dep: str, wanted: Sequence[str], builtin: str = "") -> list[str]:
     """Module files (paths as in `modules.dep`) for `wanted` and their dependencies, each after
-    what it depends on, so the initrd can insmod them in this order."""
+    what it depends on, so the initrd can insmod them in this order. A module the kernel has
+    built in (`modules.builtin`) needs no file."""
+    built_in = {PurePosixPath(m).name.split(".ko")[0].replace("-", "_") for m in builtin.split()}
     deps: dict[str, list[str]] = {}
     for line in modules_dep.splitlines():
         mod, _, rest = line.partition(":")
@@ -180,6 +193,8 @@ def module_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
         order.append(mod)
 
     for name in wanted:
+        if name in built_in:
+            continue
         if name not in by_name:
             raise ConfigError(f"kernel module {name} is not in the image's modules.dep")
         visit(by_name[name])

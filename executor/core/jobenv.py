@@ -13,9 +13,10 @@ import json
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from executor.core.images import ImageSpecError, JobContainers, job_containers, public_variables
 from executor.core.jsonvalues import object_at
 from executor.errors import JobError
 
@@ -37,6 +38,10 @@ class Job:
     # The host of the repository URL GitLab sent (git_info.repo_url, set by GitLab, not by the
     # job; its credentials are dropped): the server the VM must reach for git and artifacts.
     gitlab_host: str | None = None
+    # image mode: the job's image and services (no credentials), and why they are unusable
+    containers: JobContainers = field(default_factory=lambda: JobContainers(None))
+    containers_error: str | None = None
+    public_variables: tuple[tuple[str, str], ...] = ()
 
 
 def _safe_text(value: Any, limit: int = 200) -> str:
@@ -76,7 +81,7 @@ def _repository_host(git_info: dict[str, Any]) -> str | None:
     return host if host and _HOST_NAME.match(host) else None
 
 
-def parse_job(payload_text: str) -> Job:
+def parse_job(payload_text: str, environ: Mapping[str, str] | None = None) -> Job:
     try:
         payload = json.loads(payload_text)
     except json.JSONDecodeError as exc:
@@ -99,7 +104,44 @@ def parse_job(payload_text: str) -> Job:
         runner_id=_positive_int(_first_variable(variables, "CI_RUNNER_ID")),
         timeout_s=timeout,
         gitlab_host=_repository_host(object_at(payload, "git_info")),
+        public_variables=tuple(public_variables(variables)),
+        **_containers(payload, environ or {}),
     )
+
+
+def _containers(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The image and services; an unusable definition is kept as its error, so that config and
+    cleanup still work for the job and prepare can say what is wrong."""
+    try:
+        return {"containers": job_containers(payload, environ)}
+    except ImageSpecError as exc:
+        return {"containers": JobContainers(None), "containers_error": str(exc)}
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """The payload's registry credentials and DOCKER_AUTH_CONFIG: secrets, kept in memory for
+    the pulls of prepare only and never shown (no repr)."""
+
+    credentials: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    docker_auth_config: str | None = field(default=None, repr=False)
+
+
+def parse_registry_credentials(payload_text: str) -> RegistryCredentials:
+    try:
+        payload = json.loads(payload_text)
+    except ValueError:
+        return RegistryCredentials()
+    if not isinstance(payload, dict):
+        return RegistryCredentials()
+    raw = payload.get("credentials")
+    credentials = tuple(c for c in raw if isinstance(c, dict)) if isinstance(raw, list) else ()
+    # DOCKER_AUTH_CONFIG is a job variable (usually masked); the last definition wins, as in GitLab.
+    auth_config = None
+    for var in payload.get("variables") or []:
+        if isinstance(var, dict) and var.get("key") == "DOCKER_AUTH_CONFIG" and isinstance(var.get("value"), str):
+            auth_config = var["value"]
+    return RegistryCredentials(credentials, auth_config)
 
 
 def job_response_path(environ: Mapping[str, str]) -> str:

@@ -17,6 +17,7 @@ It carries the same facts twice:
   ``lvx/ssh_host_ed25519_key.pub``  its public key line
   ``lvx/daemon.json``               dockerd configuration (JSON)
   ``lvx/ca.pem``                    extra CA bundle (only present when given)
+  ``lvx/docker-{ca,cert,key}.pem``  dockerd's TLS for its TCP port (key mode 0400; when given)
 
 Pure module: no I/O.
 Values partly come from untrusted job input, so ``SeedSpec`` validates every field and raises
@@ -61,6 +62,7 @@ _PRIV_END = "-----END OPENSSH PRIVATE KEY-----"
 _CERT_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----\n((?:[A-Za-z0-9+/=]{1,76}\n)+)-----END CERTIFICATE-----\n?")
 _MAX_DAEMON_JSON = 64 * 1024
 _MAX_CA_BUNDLE = 1024 * 1024
+_KEY_BLOCK = re.compile(r"-----BEGIN PRIVATE KEY-----\n(?:[A-Za-z0-9+/=]{1,76}\n)+-----END PRIVATE KEY-----\n?")
 
 
 def _ssh_string(buf: bytes, pos: int) -> tuple[bytes, int]:
@@ -172,6 +174,8 @@ class SeedSpec:
     host_key_public: str  # its public key line
     daemon_json: dict[str, Any] = field(default_factory=dict)  # dockerd daemon.json content
     ca_certificates: str = ""  # optional extra PEM bundle to trust (system + docker)
+    # dockerd's TLS for its TCP port: (CA certificate, server certificate, server key), PEM
+    docker_tls: tuple[str, str, str] | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -255,6 +259,13 @@ class SeedSpec:
             raise ValueError("daemon_json: too large")
 
         set_("ca_certificates", _validate_ca_bundle(self.ca_certificates))
+
+        if self.docker_tls is not None:
+            ca, cert, key = self.docker_tls
+            if _validate_ca_bundle(ca).count("BEGIN") != 1 or _validate_ca_bundle(cert).count("BEGIN") != 1:
+                raise ValueError("docker_tls: the CA and the server certificate must be one PEM certificate each")
+            if not isinstance(key, str) or not _KEY_BLOCK.fullmatch(key.replace("\r\n", "\n").strip() + "\n"):
+                raise ValueError("docker_tls: the server key must be one unencrypted PEM 'PRIVATE KEY' block")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -353,4 +364,9 @@ def seed_files(spec: SeedSpec) -> list[tuple[str, bytes, int]]:
     ]
     if spec.ca_certificates:
         files.append((f"{FLAT_DIR}/ca.pem", spec.ca_certificates.encode(), 0o444))
+    if spec.docker_tls is not None:
+        ca, cert, key = spec.docker_tls
+        files.append((f"{FLAT_DIR}/docker-ca.pem", ca.encode(), 0o444))
+        files.append((f"{FLAT_DIR}/docker-cert.pem", cert.encode(), 0o444))
+        files.append((f"{FLAT_DIR}/docker-key.pem", key.encode(), 0o400))
     return files

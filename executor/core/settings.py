@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from executor.core.imagerecipe import BUILDS_DIR, CACHE_DIR, JOB_USER
+from executor.core.images import PULL_POLICIES, ImageSpecError, parse_reference
 from executor.core.naming import USER_NAME
 from executor.core.netpolicy import DEFAULT_BLOCKED_NETWORKS
 from executor.core.nwfilter_xml import FILTER_NAME
@@ -83,6 +84,15 @@ class DockerSettings:
     registry_mirrors: tuple[str, ...] = ()
     insecure_registries: tuple[str, ...] = ()
     ca_file: str = ""  # PEM bundle of extra CAs trusted inside the VM
+    # image mode (the job's `image:` and `services:`), as GitLab's docker executor
+    default_image: str = ""  # for jobs without `image:`; "" runs them in the VM's shell
+    allowed_images: tuple[str, ...] = ()  # globs, empty = all
+    allowed_services: tuple[str, ...] = ()
+    pull_policy: tuple[str, ...] = ("always",)  # tried in order
+    allowed_pull_policies: tuple[str, ...] = ()  # what a job may ask for; empty = pull_policy
+    wait_for_services_timeout: int = 30  # seconds; 0 = 30, negative = do not wait
+    services_limit: int = -1  # at most this many services per job; negative = no limit
+    volumes: tuple[str, ...] = ()  # extra binds for the build container: "/vm/path:/container/path[:ro]"
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,32 @@ def _check(s: Settings, problems: list[str]) -> None:
         if not re.match(r"^[A-Za-z0-9.\-\[\]:/]+$", reg):
             problems.append(f"docker.insecure_registries: {reg!r} is not a host[:port] or CIDR")
     _check_network(s.network, problems)
+    _check_docker(s.docker, problems)
+
+
+def _check_docker(d: DockerSettings, problems: list[str]) -> None:
+    for key, policies in (
+        ("docker.pull_policy", d.pull_policy),
+        ("docker.allowed_pull_policies", d.allowed_pull_policies),
+    ):
+        for policy in policies:
+            if policy not in PULL_POLICIES:
+                problems.append(f"{key}: {policy!r} is not one of {', '.join(PULL_POLICIES)}")
+    if not d.pull_policy:
+        problems.append("docker.pull_policy: must name at least one policy")
+    if d.default_image:
+        try:
+            parse_reference(d.default_image)
+        except ImageSpecError as exc:
+            problems.append(f"docker.default_image: {exc}")
+    for volume in d.volumes:
+        parts = volume.split(":")
+        if (
+            len(parts) not in (2, 3)
+            or not all(p.startswith("/") for p in parts[:2])
+            or parts[2:] not in ([], ["ro"], ["rw"])
+        ):
+            problems.append(f"docker.volumes: {volume!r} must be /path/in/vm:/path/in/container[:ro|:rw]")
 
 
 def _check_network(n: NetworkSettings, problems: list[str]) -> None:

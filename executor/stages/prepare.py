@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from executor.adapters import hostinfo
+from executor.adapters.guest_docker import DOCKER_TLS_PORT, DockerUnavailable, GuestDocker, TLSFiles
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
 from executor.adapters.hostfiles import console_log, console_tail, load_base_image
 from executor.adapters.hypervisor import Hypervisor, connect
-from executor.adapters.keys import generate_ed25519
+from executor.adapters.keys import DockerTLS, generate_docker_tls, generate_ed25519
 from executor.adapters.seed_iso import build_seed_iso
 from executor.adapters.statedir import StateDir
 from executor.core import accel, naming, netpolicy
@@ -30,7 +31,7 @@ from executor.core.domain_xml import (
     build_overlay_volume,
     build_raw_volume,
 )
-from executor.core.jobenv import Job
+from executor.core.jobenv import Job, RegistryCredentials
 from executor.core.seedspec import SeedSpec
 from executor.core.settings import GIB, Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit, wait_until
@@ -38,14 +39,13 @@ from executor.errors import ConfigError, Interrupted, SystemFailure
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.record import running_record, vm_alive
 from executor.jobvm.teardown import teardown
+from executor.stages import imagemode
 from executor.stages.cleanup import LOCK_WAIT_S
 from executor.stages.config import DRIVER_NAME
 
 log = logging.getLogger(__name__)
 
-# The API's /_ping over the socket, as the job user: cheaper than the docker CLI (a large Go
-# binary that takes seconds to start under TCG) and bounded if dockerd hangs.
-DOCKER_PING = "curl -sf --max-time 10 --unix-socket /var/run/docker.sock http://docker/_ping"
+DOCKER_TLS_DIR = "/etc/docker/tls"  # where the image's init puts the seed's TLS files
 
 
 @dataclass
@@ -60,10 +60,18 @@ class Timings:
         return self.marks[b] - (self.marks[a] if a else self.start)
 
 
-def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) -> None:
-    """Create and boot the job's VM, wait until SSH and dockerd answer. On any failure, and on
-    SIGTERM, tear down whatever was made and raise (a system failure)."""
+def prepare(
+    settings: Settings,
+    job: Job,
+    out: Callable[[str], None] = print,
+    credentials: Callable[[], RegistryCredentials] = RegistryCredentials,
+) -> None:
+    """Create and boot the job's VM, wait until SSH and dockerd answer, and in image mode start
+    the job's services and build container. On any failure, and on SIGTERM, tear down whatever
+    was made and raise (a system failure; JobRefused, a build failure, for an image the job may
+    not or cannot use)."""
     timings = Timings()
+    plan = imagemode.check(settings, job)  # before anything is made: a refused image costs nothing
     vm = naming.vm_name(settings.vm.name_prefix, job.job_id)
     image = load_base_image(settings.image.dir)
     mismatch = config_disagreements(image, settings.vm.user, settings.vm.builds_dir, settings.vm.cache_dir)
@@ -82,7 +90,10 @@ def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) ->
                     out(f"{DRIVER_NAME}: {note}")
                 ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, timings)
                 with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
-                    _wait_for_docker(hv, settings, vm, ssh, timings)
+                    with _wait_for_docker(hv, settings, state, vm, ip, timings) as docker:
+                        if plan is not None:
+                            imagemode.start(settings, job, plan, docker, ssh, vm, credentials(), out)
+                            timings.mark("containers")
         except BaseException as exc:
             _roll_back(settings, state, vm, exc)
             raise
@@ -91,7 +102,8 @@ def prepare(settings: Settings, job: Job, out: Callable[[str], None] = print) ->
         f"clone {timings.between(None, 'cloned'):.1f}s, "
         f"boot-to-ssh {timings.between('started', 'ssh'):.1f}s, "
         f"ssh-to-docker {timings.between('ssh', 'docker'):.1f}s, "
-        f"total {timings.between(None, 'docker'):.1f}s"
+        + (f"containers {timings.between('docker', 'containers'):.1f}s, " if plan else "")
+        + f"total {timings.between(None, 'containers' if plan else 'docker'):.1f}s"
     )
 
 
@@ -146,7 +158,9 @@ def _create_vm(
     client_private, client_public = generate_ed25519(f"{vm}-client")
     host_private, host_public = generate_ed25519(vm)
     state.write_client_key(vm, client_private)
-    seed_path = _write_seed(hv, settings, vm, ip, client_public, host_private, host_public)
+    tls = generate_docker_tls(vm, (ip,), ("localhost",), _lifetime(settings, job))
+    state.write_docker_client(vm, tls.ca_cert, tls.client_cert, tls.client_key)
+    seed_path = _write_seed(hv, settings, vm, ip, client_public, host_private, host_public, tls)
     log.debug("%s: seed written in %.1fs", vm, time.monotonic() - timings.start)
 
     capacity = max(settings.vm.disk_gib * GIB, image.virtual_bytes)
@@ -182,7 +196,6 @@ def _domain_spec(
 ) -> VMSpec:
     """The domain of the job's VM, with the metadata later stages and `reap` read."""
     now = int(time.time())
-    lifetime = min(job.timeout_s + settings.timeouts.expiry_margin, settings.timeouts.max_lifetime)
     record = JobRecord(
         vm=vm,
         job_id=job.job_id,
@@ -191,7 +204,7 @@ def _domain_spec(
         pipeline_id=job.pipeline_id,
         runner_id=job.runner_id,
         created=now,
-        expires=now + int(lifetime),
+        expires=now + int(_lifetime(settings, job)),
         ip=ip,
         accel=choice.accel,
         host_key=host_public,
@@ -216,8 +229,19 @@ def _domain_spec(
     )
 
 
+def _lifetime(settings: Settings, job: Job) -> float:
+    return min(job.timeout_s + settings.timeouts.expiry_margin, settings.timeouts.max_lifetime)
+
+
 def _write_seed(
-    hv: Hypervisor, settings: Settings, vm: str, ip: str, client_public: str, host_private: str, host_public: str
+    hv: Hypervisor,
+    settings: Settings,
+    vm: str,
+    ip: str,
+    client_public: str,
+    host_private: str,
+    host_public: str,
+    tls: DockerTLS,
 ) -> str:
     """The job's seed ISO as a volume of the pool; its path."""
     seed = build_seed_iso(
@@ -231,8 +255,9 @@ def _write_seed(
             authorized_key=client_public,
             host_key_private=host_private,
             host_key_public=host_public,
-            daemon_json=_daemon_json(settings),
+            daemon_json=_daemon_json(settings, ip),
             ca_certificates=_extra_cas(settings),
+            docker_tls=(tls.ca_cert, tls.server_cert, tls.server_key),
         )
     )
     name = naming.seed_volume_name(vm)
@@ -241,8 +266,17 @@ def _write_seed(
     return path
 
 
-def _daemon_json(settings: Settings) -> dict[str, Any]:
-    config: dict[str, Any] = {}
+def _daemon_json(settings: Settings, ip: str) -> dict[str, Any]:
+    # The socket for the job, TCP with mutual TLS (per-job CA) for the executor: no Docker port
+    # without TLS is reachable from outside the VM.
+    config: dict[str, Any] = {
+        "hosts": ["unix:///var/run/docker.sock", f"tcp://{ip}:{DOCKER_TLS_PORT}"],
+        "tls": True,
+        "tlsverify": True,
+        "tlscacert": f"{DOCKER_TLS_DIR}/ca.pem",
+        "tlscert": f"{DOCKER_TLS_DIR}/cert.pem",
+        "tlskey": f"{DOCKER_TLS_DIR}/key.pem",
+    }
     if settings.docker.registry_mirrors:
         config["registry-mirrors"] = list(settings.docker.registry_mirrors)
     if settings.docker.insecure_registries:
@@ -284,15 +318,30 @@ def _wait_for_ssh(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, 
     return ssh
 
 
-def _wait_for_docker(hv: Hypervisor, settings: Settings, vm: str, ssh: GuestSSH, timings: Timings) -> None:
+def _wait_for_docker(
+    hv: Hypervisor, settings: Settings, state: StateDir, vm: str, ip: str, timings: Timings
+) -> GuestDocker:
+    """The VM's dockerd over TCP + mutual TLS once its API answers /_ping."""
+    ca, cert, key = state.docker_client_files(vm)
+    docker = GuestDocker.connect(ip, TLSFiles(ca, cert, key), timeout=15)
+    last_error: list[str] = []
+
     def attempt() -> bool:
         if not vm_alive(hv, vm):
             raise SystemFailure(f"{vm} stopped while dockerd was starting")
         try:
-            return ssh.capture(DOCKER_PING, timeout=15).stdout.strip() == "OK"
-        except SystemFailure as exc:
+            return docker.ping()
+        except DockerUnavailable as exc:
             log.debug("dockerd in %s not ready: %s", vm, exc)
+            last_error[:] = [str(exc)]
             return False
 
-    wait_until(attempt, settings.timeouts.docker, f"dockerd in {vm}", interval=0.3, max_interval=1.0)
+    try:
+        wait_until(attempt, settings.timeouts.docker, f"dockerd in {vm}", interval=0.3, max_interval=1.0)
+    except BaseException:
+        docker.close()
+        if last_error:
+            log.info("last answer of dockerd in %s: %s", vm, last_error[0])
+        raise
     timings.mark("docker")
+    return docker

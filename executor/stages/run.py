@@ -1,8 +1,12 @@
-"""run_exec: stream one stage script into bash in the job's VM, with live output.
+"""run_exec: one stage script, with live output, in the job's VM or its build container.
 
-The script's exit status decides the outcome: 0 is success, anything else a BuildFailure with
-that status. A lost VM or connection is a SystemFailure; SIGTERM stops the script's whole
-process group in the VM before the stage exits.
+Without an image, every stage is bash in the VM as the job user (over SSH). In image mode the
+user stages (build_script, step_*, after_script) run in the build container (an exec through
+the VM's dockerd, with GitLab's shell detection) and the helper stages (get_sources, caches,
+artifacts, ...) run in the VM as root, so that they can read and replace what the container
+wrote there as root. The script's exit status decides the outcome: 0 is success, anything else
+a BuildFailure with that status. A lost VM or connection is a SystemFailure; SIGTERM stops the
+script's processes in the VM or the container before the stage exits.
 """
 
 from __future__ import annotations
@@ -11,19 +15,23 @@ import logging
 import secrets
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from executor.adapters.guest_docker import GuestDocker, TLSFiles
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
-from executor.core import naming
+from executor.core import images, naming
 from executor.core.domain_xml import JobRecord
+from executor.core.images import ImageSpec
 from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred, signals_raise_interrupted
 from executor.errors import BuildFailure, Interrupted, SystemFailure
 from executor.jobvm.record import running_record, vm_alive
+from executor.stages import imagemode
 from executor.stages.config import DRIVER_NAME
 
 log = logging.getLogger(__name__)
@@ -51,21 +59,16 @@ def run(
     except OSError as exc:
         raise SystemFailure(f"cannot read the {stage} script {script_path}: {exc.strerror}") from None
     state = StateDir(settings.paths.state_dir)
+    image = imagemode.job_image(settings, job)
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
         record = running_record(hv, vm)
         key = state.read_client_key(vm)
         with _connect_for_run(settings, record, key) as ssh:
-            # sshd starts each session command as a session and process-group leader, so $$ is
-            # the group id of everything the script starts: that is what SIGTERM must reach.
-            pidfile = f"/tmp/lvx-run-{secrets.token_hex(8)}.pid"
-            command = f"echo $$ > {shlex.quote(pidfile)} && exec bash -s"
-            try:
-                with signals_raise_interrupted():
-                    status = ssh.stream(command, script, stdout, stderr, lambda: vm_alive(hv, vm))
-            except Interrupted:
-                with signals_deferred():
-                    _stop_remote_group(ssh, pidfile)
-                raise
+            alive = lambda: vm_alive(hv, vm)  # noqa: E731
+            if image is not None and images.runs_in_container(stage):
+                status: int | None = _run_in_container(state, vm, record.ip, image, ssh, script, stdout, stderr, alive)
+            else:
+                status = _run_in_vm(ssh, script, stdout, stderr, alive, as_root=image is not None)
     if status is None:
         # The VM and the connection are fine (checked above), so it was something inside the job.
         stderr.write(f"{DRIVER_NAME}: the {stage} shell was killed by a signal\n".encode())
@@ -73,6 +76,82 @@ def run(
     outcome = script_outcome(status)
     if outcome is not None:
         raise outcome
+
+
+def _run_in_vm(
+    ssh: GuestSSH, script: bytes, stdout: BinaryIO, stderr: BinaryIO, alive: Callable[[], bool], as_root: bool
+) -> int | None:
+    # sshd starts each session command as a session and process-group leader, so $$ is the
+    # group id of everything the script starts: that is what SIGTERM must reach.
+    pidfile = f"/tmp/lvx-run-{secrets.token_hex(8)}.pid"
+    shell = "sudo -n -H bash -s" if as_root else "bash -s"
+    command = f"echo $$ > {shlex.quote(pidfile)} && exec {shell}"
+    try:
+        with signals_raise_interrupted():
+            return ssh.stream(command, script, stdout, stderr, alive)
+    except Interrupted:
+        with signals_deferred():
+            _stop_remote_group(ssh, pidfile)
+        raise
+
+
+def _run_in_container(
+    state: StateDir,
+    vm: str,
+    ip: str,
+    image: ImageSpec,
+    ssh: GuestSSH,
+    script: bytes,
+    stdout: BinaryIO,
+    stderr: BinaryIO,
+    alive: Callable[[], bool],
+) -> int:
+    """The script as a file in the VM's tmpfs (bind-mounted into the container), run by the
+    shell GitLab's detection finds in the image."""
+    container = imagemode.build_container_name(vm)
+    name = f"stage-{secrets.token_hex(8)}"
+    ca, cert, key = state.docker_client_files(vm)
+    execs: list[str] = []
+    with GuestDocker.connect(ip, TLSFiles(ca, cert, key)) as docker:
+        state_of = docker.container_state(container)
+        if not state_of or not state_of.get("Running"):
+            raise SystemFailure(f"the job's build container {container} is not running")
+        docker.put_file(container, imagemode.SCRIPTS_DIR, name, script, mode=0o755)
+        argv = ["sh", "-c", images.DETECT_SHELL, f"{imagemode.SCRIPTS_DIR}/{name}"]
+        try:
+            with signals_raise_interrupted():
+                return docker.exec_stream(container, argv, stdout, stderr, alive, image.user, execs.append)
+        except Interrupted:
+            with signals_deferred():
+                pid = docker.exec_pid(execs[0]) if execs else None
+                if pid is not None:
+                    _stop_process_tree(ssh, pid)
+            raise
+        finally:
+            with signals_deferred():
+                _remove_script(ssh, name)
+
+
+def _remove_script(ssh: GuestSSH, name: str) -> None:
+    try:
+        ssh.capture(f"sudo -n rm -f {shlex.quote(imagemode.SCRIPTS_DIR_IN_VM + '/' + name)}", timeout=10)
+    except SystemFailure as exc:
+        log.debug("could not remove the stage script: %s", exc)
+
+
+def _stop_process_tree(ssh: GuestSSH, pid: int) -> None:
+    """TERM the container stage's process and all its descendants (seen from the VM), then KILL
+    what is left after a short grace. The build container itself stays for after_script."""
+    command = (
+        'tree() { for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }; '
+        f'p=$(tree {int(pid)}); [ -n "$p" ] || exit 0; sudo -n kill -TERM $p 2>/dev/null; '
+        f"for i in 1 2 3 4 5 6 7 8 9 10; do sudo -n kill -0 {int(pid)} 2>/dev/null || exit 0; sleep 0.3; done; "
+        f"sudo -n kill -KILL $(tree {int(pid)}) 2>/dev/null; exit 0"
+    )
+    try:
+        ssh.capture(command, timeout=15)
+    except SystemFailure as exc:
+        log.warning("could not stop the job's processes in the build container: %s", exc)
 
 
 def script_outcome(status: int | None) -> BuildFailure | None:

@@ -85,6 +85,8 @@ class RunnerSim:
         timeout_s: int = 600,
         variables: dict[str, str] | None = None,
         executable: list[str] | None = None,
+        payload_extra: dict[str, object] | None = None,
+        secret_variables: dict[str, str] | None = None,
     ) -> None:
         self.config_path = str(config_path)
         self.tmp = Path(workdir)
@@ -108,7 +110,9 @@ class RunnerSim:
             "variables": [
                 {"key": k, "value": v, "public": k != "CI_JOB_TOKEN", "masked": k == "CI_JOB_TOKEN"}
                 for k, v in self.variables.items()
-            ],
+            ]
+            + [{"key": k, "value": v, "public": False, "masked": True} for k, v in (secret_variables or {}).items()],
+            **(payload_extra or {}),
         }
         fd = os.open(self.response_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

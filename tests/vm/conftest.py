@@ -48,6 +48,7 @@ def write_test_config(
     pool: tuple[str, str] | None = None,
     allow_host_ports: tuple[int, ...] = (),
     allowed_networks: tuple[str, ...] = (),
+    docker: str = "",
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
@@ -87,6 +88,9 @@ console_log_dir = "{directory / "console"}"
 [network]
 allow_host_ports = {list(allow_host_ports)}
 allowed_networks = {json.dumps(list(allowed_networks))}
+
+[docker]
+{docker}
 """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"

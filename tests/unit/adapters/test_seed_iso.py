@@ -204,3 +204,16 @@ def test_normalisation():
     assert spec.hostname == "lvx-1"
     assert spec.mac == "52:54:00:ab:cd:ef"
     assert spec.host_key_private.endswith("-----END OPENSSH PRIVATE KEY-----\n")
+
+
+def test_docker_tls_files_are_on_the_seed_with_the_key_root_only():
+    from tests.unit.core.test_seedspec import _docker_tls
+
+    ca, cert, key = _docker_tls()
+    p = ParsedIso(build_seed_iso(make_spec(docker_tls=(ca, cert, key))))
+    assert p.read("lvx/docker-ca.pem").decode() == ca
+    assert p.read("lvx/docker-cert.pem").decode() == cert
+    assert p.read("lvx/docker-key.pem").decode() == key
+    assert stat.S_IMODE(p.mode("lvx/docker-key.pem")) == 0o400
+    assert stat.S_IMODE(p.mode("lvx/docker-cert.pem")) == 0o444
+    p.iso.close()

@@ -73,19 +73,25 @@ def test_debian_mirror_from_one_line_and_deb822_sources():
     one_line = "# comment\ndeb [arch=amd64] http://mirror.example/debian/ bookworm main contrib\n"
     assert recipe.debian_mirror([("sources.list", one_line)]) == "http://mirror.example/debian"
     deb822 = (
-        "Types: deb\nURIs: http://other.example/debian\nSuites: trixie\nComponents: main\n\n"
+        "Types: deb\nURIs: http://other.example/debian-security\nSuites: bookworm-security\nComponents: main\n\n"
         "Types: deb\nURIs: http://deb.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n"
     )
     assert recipe.debian_mirror([("sources.list", ""), ("debian.sources", deb822)]) == "http://deb.example/debian"
 
 
-def test_debian_mirror_skips_disabled_and_source_only_entries_and_says_what_is_missing():
+def test_debian_mirror_skips_disabled_source_only_and_update_entries_and_says_what_is_missing():
     deb822 = (
         "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nComponents: main\nEnabled: no\n\n"
-        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n"
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\nComponents: main\n"
     )
-    with pytest.raises(ConfigError, match="'bookworm main' apt source"):
+    with pytest.raises(ConfigError, match="no Debian release 'main' apt source"):
         recipe.debian_mirror([("debian.sources", deb822), ("x.list", "deb http://m/debian bookworm contrib\n")])
+
+
+def test_module_order_skips_built_in_modules():
+    order = recipe.module_order(MODULES_DEP, ("virtio_pci", "virtio_blk", "ext4"), "kernel/fs/ext4/ext4.ko\n")
+    assert [m.rsplit("/", 1)[1] for m in order][-1] == "virtio_blk.ko.xz"
 
 
 def test_recipe_hash_changes_with_content_exec_bit_path_and_preloads():
@@ -119,3 +125,10 @@ def test_rootfs_script_gets_the_job_user_and_dirs_the_config_defaults_use():
     args = recipe.rootfs_script_args("/r", "http://m", "/c")
     vm = VMSettings()
     assert args == ["/r", "http://m", "/c", recipe.SUITE, vm.user, vm.builds_dir, vm.cache_dir]
+
+
+def test_recipe_hash_changes_with_the_suite_the_image_is_built_from(monkeypatch):
+    files = [recipe.RecipeFile("a.sh", True, "11")]
+    before = recipe.recipe_hash(files)
+    monkeypatch.setattr(recipe, "SUITE", "forky")
+    assert recipe.recipe_hash(files) != before

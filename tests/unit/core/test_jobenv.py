@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from executor.core.jobenv import DEFAULT_JOB_TIMEOUT_S, JOB_RESPONSE_FILE, Job, job_response_path, parse_job
+from executor.core.jobenv import (
+    DEFAULT_JOB_TIMEOUT_S,
+    JOB_RESPONSE_FILE,
+    Job,
+    RegistryCredentials,
+    job_response_path,
+    parse_job,
+    parse_registry_credentials,
+)
 from executor.errors import JobError
 
 SECRET_TOKEN = "glcbt-64_SeCrEtJobTokenValue"
@@ -39,7 +47,21 @@ def parse(**overrides) -> Job:
 
 def test_fields_come_from_the_payload():
     job = parse()
-    assert job == Job(job_id=4242, project_id=17, project="group/project", pipeline_id=900, runner_id=3, timeout_s=600)
+    public = (
+        ("CI_JOB_ID", "4242"),
+        ("CI_PIPELINE_ID", "900"),
+        ("CI_RUNNER_ID", "3"),
+        ("CI_PROJECT_PATH", "group/project"),
+    )
+    assert job == Job(
+        job_id=4242,
+        project_id=17,
+        project="group/project",
+        pipeline_id=900,
+        runner_id=3,
+        timeout_s=600,
+        public_variables=public,
+    )
 
 
 def test_job_id_comes_from_payload_id_not_from_variables():
@@ -162,6 +184,9 @@ def test_job_token_and_secret_variables_are_not_kept():
         "runner_id",
         "timeout_s",
         "gitlab_host",
+        "containers",
+        "containers_error",
+        "public_variables",  # public: true only; the secret ones are in no field
     }
     assert set(vars(job)) == {f.name for f in dataclasses.fields(job)}  # no extra attributes
     text = repr(job) + repr(dataclasses.astuple(job))
@@ -191,3 +216,36 @@ def test_gitlab_host_is_the_repository_url_host_without_its_credentials(repo_url
     job = parse(git_info={"repo_url": repo_url})
     assert job.gitlab_host == host
     assert "SECRET" not in repr(job)
+
+
+def test_registry_credentials_are_read_but_never_shown():
+    text = json.dumps(
+        payload(
+            credentials=[{"type": "registry", "url": "registry.example", "username": "u", "password": SECRET_VAR}],
+            variables=[{"key": "DOCKER_AUTH_CONFIG", "value": '{"auths": {}}', "public": False}],
+        )
+    )
+    creds = parse_registry_credentials(text)
+    assert creds.credentials[0]["password"] == SECRET_VAR and creds.docker_auth_config == '{"auths": {}}'
+    assert SECRET_VAR not in repr(creds) and "auths" not in repr(creds)
+    assert parse_registry_credentials("not json") == RegistryCredentials()
+
+
+def test_an_unusable_image_definition_is_kept_as_its_error_not_raised():
+    job = parse(image={"name": "UPPER/Case:bad tag"})
+    assert job.containers.image is None and "invalid image name" in (job.containers_error or "")
+
+
+def test_image_and_services_come_from_the_payload_before_the_environment():
+    env = {
+        "CUSTOM_ENV_CI_JOB_IMAGE": "alpine:3",
+        "CUSTOM_ENV_CI_JOB_SERVICES": '[{"name": "redis:7", "alias": "", "entrypoint": null, "command": null}]',
+    }
+    job = parse_job(
+        json.dumps(payload(image={"name": "python:3.12"}, services=[{"name": "postgres:16", "alias": "db"}])), env
+    )
+    assert job.containers.image.name == "python:3.12"
+    assert [(s.name, s.aliases) for s in job.containers.services] == [("postgres:16", ("db",))]
+    from_env = parse_job(json.dumps(payload()), env)
+    assert from_env.containers.image.name == "alpine:3"
+    assert [s.name for s in from_env.containers.services] == ["redis:7"]

@@ -129,3 +129,21 @@ def test_spec_is_frozen():
     spec = make_spec()
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.hostname = "other"  # type: ignore[misc]
+
+
+def _docker_tls():
+    from executor.adapters.keys import generate_docker_tls
+
+    tls = generate_docker_tls("lvx-1234", ("192.168.213.10",), ("localhost",), 3600)
+    return tls.ca_cert, tls.server_cert, tls.server_key
+
+
+def test_docker_tls_is_validated():
+    ca, cert, key = _docker_tls()
+    assert make_spec(docker_tls=(ca, cert, key)).docker_tls == (ca, cert, key)
+    with pytest.raises(ValueError, match="one PEM certificate each"):
+        make_spec(docker_tls=(ca + cert, cert, key))
+    with pytest.raises(ValueError, match="PRIVATE KEY"):
+        make_spec(docker_tls=(ca, cert, HOST_PRIV))
+    with pytest.raises(ValueError, match="PRIVATE KEY"):
+        make_spec(docker_tls=(ca, cert, key.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY")))

@@ -1,0 +1,249 @@
+"""Image mode, set up at the end of prepare: pull the job's image and services, start the
+services on a per-job network with GitLab's aliases, wait for them, start the build container.
+
+A refused or missing image is the job's fault (JobRefused: a build failure with the reason);
+a daemon that fails is a system failure. Registry credentials reach the daemon only inside the
+pull request over TLS: never a file, an argv or a log line.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from executor.adapters.guest_docker import ContainerSpec, GuestDocker, PullFailed, PullProgress
+from executor.adapters.guest_ssh import GuestSSH
+from executor.core import images
+from executor.core.images import ImageSpec, ServiceSpec
+from executor.core.jobenv import Job, RegistryCredentials
+from executor.core.settings import Settings
+from executor.core.waiting import poll
+from executor.errors import JobRefused, SystemFailure
+
+SCRIPTS_DIR_IN_VM = "/run/lvx-scripts"  # tmpfs in the VM: stage scripts never touch a disk
+SCRIPTS_DIR = "/lvx-scripts"  # where the build container sees it
+DOCKER_SOCKET = "/var/run/docker.sock"
+LABEL = "io.libvirt-executor.job"
+PROGRESS_EVERY_S = 5.0
+# Keeps the build container alive between stages (each stage is an exec into it); the image's
+# own entrypoint runs first and is expected to exec its arguments, as with GitLab.
+KEEPALIVE = ("sh", "-c", 'trap "exit 0" TERM; while :; do sleep 3600 & wait $!; done')
+
+
+def build_container_name(vm: str) -> str:
+    return f"{vm}-build"
+
+
+def network_name(vm: str) -> str:
+    return f"{vm}-net"
+
+
+def job_image(settings: Settings, job: Job) -> ImageSpec | None:
+    """The image the job's user stages run in, None for the VM's shell."""
+    if job.containers.image is not None:
+        return job.containers.image
+    return ImageSpec(settings.docker.default_image) if settings.docker.default_image else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    image: ImageSpec
+    services: tuple[ServiceSpec, ...]
+    aliases: tuple[tuple[str, ...], ...]
+
+
+def check(settings: Settings, job: Job) -> Plan | None:
+    """What image mode will run, checked before anything is pulled: JobRefused if the job's
+    image or services are unusable or not allowed here."""
+    if job.containers_error:
+        raise JobRefused(f"the job's image or services cannot be used: {job.containers_error}")
+    image = job_image(settings, job)
+    if image is None:
+        if job.containers.services:
+            raise JobRefused("the job has services but no image (set `image:`, or docker.default_image)")
+        return None
+    d = settings.docker
+    if not images.allowed(image.name, d.allowed_images):
+        raise JobRefused(
+            f"the {image.name!r} image is not present on list of allowed images: {', '.join(d.allowed_images)}"
+        )
+    for service in job.containers.services:
+        if not images.allowed(service.name, d.allowed_services):
+            raise JobRefused(
+                f"the {service.name!r} service is not present on list of allowed services: {', '.join(d.allowed_services)}"
+            )
+    if 0 <= d.services_limit < len(job.containers.services):
+        raise JobRefused(
+            f"the job has {len(job.containers.services)} services, more than services_limit {d.services_limit}"
+        )
+    aliases, _ = images.service_aliases(job.containers.services)
+    return Plan(image, job.containers.services, tuple(aliases))
+
+
+def start(
+    settings: Settings,
+    job: Job,
+    plan: Plan,
+    docker: GuestDocker,
+    ssh: GuestSSH,
+    vm: str,
+    credentials: RegistryCredentials,
+    out: Callable[[str], None],
+) -> None:
+    """Pull, start the services and wait for them, start the build container."""
+    _, warnings = images.service_aliases(plan.services)
+    for warning in warnings:
+        out(f"WARNING: {warning}")
+    _pull(settings, docker, plan.image.name, plan.image.pull_policies, credentials, out)
+    for service in plan.services:
+        _pull(settings, docker, service.name, service.pull_policies, credentials, out)
+    network = network_name(vm)
+    docker.create_network(network, {LABEL: vm})
+    for index, (service, aliases) in enumerate(zip(plan.services, plan.aliases, strict=True)):
+        name = f"{vm}-svc-{index}"
+        out(f"Starting service {service.name} as {', '.join(aliases)} ...")
+        docker.run_container(
+            ContainerSpec(
+                name=name,
+                image=service.name,
+                network=network,
+                aliases=aliases,
+                environment=_merged(job.public_variables, service.variables),
+                entrypoint=service.entrypoint,
+                command=service.command,
+                labels=((LABEL, vm),),
+            )
+        )
+    if plan.services and settings.docker.wait_for_services_timeout >= 0:
+        _wait_for_services(settings, plan, docker, ssh, vm, out)
+    _start_build_container(settings, job, plan.image, docker, vm, network)
+
+
+def _merged(*lists: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    merged: dict[str, str] = {}
+    for pairs in lists:
+        merged.update(pairs)
+    return tuple(merged.items())
+
+
+def _pull(
+    settings: Settings,
+    docker: GuestDocker,
+    name: str,
+    job_policies: Sequence[str],
+    credentials: RegistryCredentials,
+    out: Callable[[str], None],
+) -> None:
+    try:
+        policies = images.pull_policies(
+            job_policies, settings.docker.pull_policy, settings.docker.allowed_pull_policies
+        )
+    except images.ImageSpecError as exc:
+        raise JobRefused(str(exc)) from None
+    ref = images.parse_reference(name)
+    local = f"{ref.repository}@{ref.digest}" if ref.digest else f"{ref.repository}:{ref.pull_tag}"
+    errors = []
+    for policy in policies:
+        if policy in ("never", "if-not-present") and docker.image_present(local):
+            out(f"Using locally found image {name}")
+            return
+        if policy == "never":
+            errors.append("it is not in the VM and pull_policy is never")
+            continue
+        auth = images.registry_auth(ref, list(credentials.credentials), credentials.docker_auth_config)
+        out(f"Pulling docker image {name} ...{' (with credentials)' if auth else ''}")
+        started = time.monotonic()
+        try:
+            docker.pull(ref.repository, ref.pull_tag, auth, _ProgressLines(name, out))
+        except PullFailed as exc:
+            errors.append(str(exc))
+            continue
+        out(f"Pulled {name} in {time.monotonic() - started:.1f}s")
+        return
+    raise JobRefused(f"failed to pull image {name!r}: {'; '.join(errors)}")
+
+
+class _ProgressLines:
+    """A pull's progress as a line every few seconds, not one per chunk."""
+
+    def __init__(self, name: str, out: Callable[[str], None]) -> None:
+        self.name, self.out, self.last = name, out, time.monotonic()
+
+    def __call__(self, progress: PullProgress) -> None:
+        if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            self.out(f"  {self.name}: {progress.line()}")
+
+
+def _wait_for_services(
+    settings: Settings, plan: Plan, docker: GuestDocker, ssh: GuestSSH, vm: str, out: Callable[[str], None]
+) -> None:
+    """GitLab's wait: HEALTHCHECK_TCP_PORT or the exposed TCP ports, dialled from the VM every
+    second until one answers; on timeout a warning with the service's last log lines."""
+    timeout = settings.docker.wait_for_services_timeout or 30
+    network = network_name(vm)
+
+    def wait(index: int, service: ServiceSpec) -> str | None:
+        name = f"{vm}-svc-{index}"
+        ports = [int(v) for k, v in service.variables if k.upper() == "HEALTHCHECK_TCP_PORT" and v.isdigit()]
+        ports = ports or docker.exposed_tcp_ports(service.name)
+        address = docker.container_address(name, network)
+        if not ports or address is None:
+            return _warning(service, docker.logs_tail(name))
+        probe = " || ".join(f"timeout 1 bash -c 'exec 3<>/dev/tcp/{address}/{p}' 2>/dev/null" for p in ports)
+        command = f"for i in $(seq {int(timeout)}); do {{ {probe}; }} && exit 0; sleep 1; done; exit 1"
+        try:
+            if ssh.capture(command, timeout=timeout + 15).rc == 0:
+                return None
+        except SystemFailure:
+            pass
+        return _warning(service, docker.logs_tail(name))
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(plan.services))) as pool:
+        results = list(pool.map(lambda pair: wait(*pair), enumerate(plan.services)))
+    for warning in results:
+        if warning:
+            out(warning)
+
+
+def _warning(service: ServiceSpec, logs: str) -> str:
+    tail = "\n".join(line for line in logs.splitlines()[-20:])
+    return f"*** WARNING: Service {service.name} probably didn't start properly.\n\nService container logs:\n{tail}\n*********"
+
+
+def _start_build_container(
+    settings: Settings, job: Job, image: ImageSpec, docker: GuestDocker, vm: str, network: str
+) -> None:
+    name = build_container_name(vm)
+    binds = (
+        f"{settings.vm.builds_dir}:{settings.vm.builds_dir}",
+        f"{settings.vm.cache_dir}:{settings.vm.cache_dir}",
+        f"{DOCKER_SOCKET}:{DOCKER_SOCKET}",
+        f"{SCRIPTS_DIR_IN_VM}:{SCRIPTS_DIR}",
+        *settings.docker.volumes,
+    )
+    docker.run_container(
+        ContainerSpec(
+            name=name,
+            image=image.name,
+            network=network,
+            aliases=("build", name),
+            environment=job.public_variables,
+            entrypoint=image.entrypoint,
+            command=KEEPALIVE,
+            binds=binds,
+            user=image.user,
+            labels=((LABEL, vm),),
+        )
+    )
+    # An entrypoint that does not exec its arguments ends the container at once.
+    stopped = poll(lambda: not (docker.container_state(name) or {}).get("Running"), 2.0, interval=0.5)
+    if stopped:
+        state = docker.container_state(name) or {}
+        raise JobRefused(
+            f"the build container of {image.name} stopped right away (exit code {state.get('ExitCode')}): its "
+            'entrypoint does not run the job\'s shell; set `image: entrypoint: [""]` in the job\n'
+            + docker.logs_tail(name)
+        )

@@ -9,40 +9,18 @@ port it never opens). One VM for the module; the tests run in file order.
 from __future__ import annotations
 
 import re
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from executor.testing.registry import busybox_files, docker_cli_files, image_layout, running_registry
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim, read_until, terminate_like_runner
-from tests.vm.registry import busybox_files, image_layout, running_registry
 
 pytestmark = pytest.mark.vm
 
 REGISTRY_PORT = 5001
 MARKER = "from-the-lvx-tools-image"
-
-
-def docker_cli_files(workdir: Path) -> dict[str, bytes]:
-    """The host's Debian docker CLI (from the docker.io package, downloaded with apt) and the
-    libraries its loader needs, laid out for an image."""
-    debs = workdir / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob("docker.io_*.deb")):
-        subprocess.run(["apt-get", "download", "-q", "docker.io"], cwd=debs, check=True, capture_output=True)
-    deb = next(debs.glob("docker.io_*.deb"))
-    tree = workdir / "tree"
-    tree.mkdir(exist_ok=True)
-    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree), "./usr/bin/docker"], input=tar, check=True)
-    binary = tree / "usr/bin/docker"
-    files = {"usr/bin/docker": binary.read_bytes()}
-    ldd = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
-    for path in re.findall(r"(/\S+\.so[.\d]*)", ldd):
-        files[path.lstrip("/")] = Path(path).read_bytes()
-    return files
 
 
 @pytest.fixture(scope="module")

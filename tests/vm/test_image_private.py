@@ -12,9 +12,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from executor.testing.registry import busybox_files, image_layout, running_registry
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim
-from tests.vm.registry import busybox_files, image_layout, running_registry
 
 pytestmark = pytest.mark.vm
 

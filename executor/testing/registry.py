@@ -1,4 +1,5 @@
-"""Images made here and a real registry to pull them from (there is no Docker Hub).
+"""Images made here and a real registry to pull them from (there is no Docker Hub on a
+development host): for the vm tests and the benchmarks.
 
 `image_layout` writes an OCI image layout (one layer tarball of the files given, e.g. Debian's
 busybox-static); `Registry` runs Debian's `docker-registry` (distribution) on an address of this
@@ -13,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -144,6 +146,26 @@ def image_layout(
     }
     (directory / "index.json").write_text(json.dumps(index))
     return directory
+
+
+def docker_cli_files(workdir: Path) -> dict[str, bytes]:
+    """The host's Debian docker CLI (from the docker.io package, downloaded with apt) and the
+    libraries its loader needs, laid out for an image."""
+    debs = workdir / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    if not list(debs.glob("docker.io_*.deb")):
+        subprocess.run(["apt-get", "download", "-q", "docker.io"], cwd=debs, check=True, capture_output=True)
+    deb = next(debs.glob("docker.io_*.deb"))
+    tree = workdir / "tree"
+    tree.mkdir(exist_ok=True)
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree), "./usr/bin/docker"], input=tar, check=True)
+    binary = tree / "usr/bin/docker"
+    files = {"usr/bin/docker": binary.read_bytes()}
+    ldd = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    for path in re.findall(r"(/\S+\.so[.\d]*)", ldd):
+        files[path.lstrip("/")] = Path(path).read_bytes()
+    return files
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -40,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,16 +49,15 @@ import baseline_image  # beside this script
 import libvirt
 
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
-from executor.adapters.hostfiles import load_base_image, load_settings
+from executor.adapters.hostfiles import console_tail, load_base_image, load_settings
 from executor.adapters.hypervisor import Hypervisor
 from executor.adapters.statedir import StateDir
 from executor.core import naming
 from executor.core.domain_xml import JobRecord, VMSpec, build_domain, build_overlay_volume, parse_job_record
-from executor.core.settings import Settings, config_path
+from executor.core.settings import PathSettings, Settings, config_path, settings_toml
 from executor.core.waiting import wait_until
 from executor.errors import SystemFailure
 from executor.jobvm.accel import choose_accel
-from executor.stages.prepare import DOCKER_PING
 from executor.testing.runnersim import RunnerSim, kill_group
 
 PREFIX = "lvxbench"
@@ -70,7 +69,9 @@ TIMINGS_RE = re.compile(
     r"ssh-to-docker (?P<docker>[\d.]+)s, total (?P<total>[\d.]+)s"
 )
 # The same probe prepare waits on for our image: the daemon's API answering on its socket.
-DOCKER_PROBE = DOCKER_PING
+# The baseline's dockerd has no TCP port: its API's /_ping over the socket, through SSH. (Ours
+# is timed by prepare, which asks the same /_ping over the VM's TLS port.)
+DOCKER_PROBE = "curl -sf --max-time 10 --unix-socket /var/run/docker.sock http://docker/_ping"
 MIB = 1024**2
 
 
@@ -140,31 +141,16 @@ class Libvirt:
 # ------------------------------------------------------------------ config
 
 
-def _toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise BenchError(f"cannot write {v!r} as TOML")
-
-
 def write_bench_config(host_config: str, workdir: Path) -> Path:
     """The host config with our own name prefix and state/console dirs under `workdir`."""
-    raw = tomllib.loads(Path(host_config).read_text(encoding="utf-8"))
-    raw.setdefault("vm", {})["name_prefix"] = PREFIX
-    raw["paths"] = {"state_dir": str(workdir / "state"), "console_log_dir": str(workdir / "console")}
-    lines = []
-    for section, table in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
+    host = load_settings(host_config)
+    settings = dataclasses.replace(
+        host,
+        vm=dataclasses.replace(host.vm, name_prefix=PREFIX),
+        paths=PathSettings(state_dir=str(workdir / "state"), console_log_dir=str(workdir / "console")),
+    )
     path = workdir / "config.toml"
-    path.write_text("\n".join(lines))
-    load_settings(str(path))  # validate
+    path.write_text(settings_toml(settings))
     return path
 
 
@@ -352,20 +338,12 @@ def boot_baseline(
         boot.overlay_bytes = os.stat(overlay).st_blocks * 512
         return boot
     except BaseException:
-        tail = _tail(workdir / f"{name}.console.log")
+        tail = console_tail(workdir / f"{name}.console.log", lines=20, limit=16384)
         if tail:
             print(f"  last console lines of {name}:\n{tail}", file=sys.stderr)
         raise
     finally:
         remove_baseline_vm(lv, pool, name)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_bytes()[-16384:].decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", line) for line in text.splitlines()[-lines:])
 
 
 # ------------------------------------------------------------------ report

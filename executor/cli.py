@@ -125,7 +125,7 @@ def cleanup_cmd(obj: _Context) -> None:
 @click.pass_obj
 def setup_cmd(obj: _Context, example: str | None) -> None:
     """Create what the executor needs on this host (idempotent): config, directories,
-    storage pool, network."""
+    storage pool, network, and the registry mirror (running)."""
     from executor.admin.setup import setup_host
 
     changes = setup_host(obj.config_file, example)
@@ -230,6 +230,63 @@ def doctor_cmd(obj: _Context, boot: bool) -> None:
     failed = [c.name for c in checks if c.ok is False]
     if failed:
         raise errors.ConfigError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
+
+
+@cli.group("mirror")
+def mirror_group() -> None:
+    """The registry mirror: a pull-through cache on this host for every job VM's dockerd."""
+
+
+@mirror_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def mirror_status_cmd(obj: _Context, as_json: bool) -> None:
+    """Up or not, upstream, disk used, cached repositories, hits and misses. Exits non-zero
+    when the mirror is enabled but not answering."""
+    from executor.admin import mirror
+
+    st = mirror.status(obj.settings)
+    click.echo(json.dumps(mirror.status_dict(st), indent=2) if as_json else mirror.format_status(st))
+    if st.enabled and not st.answering:
+        raise errors.SystemFailure(f"mirror: {st.url} is not answering ({st.problem})")
+
+
+@mirror_group.command("start")
+@click.pass_obj
+def mirror_start_cmd(obj: _Context) -> None:
+    """Start the mirror's supervisor (in the background) unless it is running."""
+    from executor.admin import mirror
+
+    click.echo(f"mirror: {mirror.start(obj.settings, obj.config_file)}")
+
+
+@mirror_group.command("stop")
+@click.pass_obj
+def mirror_stop_cmd(obj: _Context) -> None:
+    """Stop the mirror (jobs then pull from the registries directly)."""
+    from executor.admin import mirror
+
+    click.echo(f"mirror: {mirror.stop(obj.settings)}")
+
+
+@mirror_group.command("serve")
+@click.pass_obj
+def mirror_serve_cmd(obj: _Context) -> None:
+    """Run the mirror's supervisor in the foreground until SIGTERM (what `mirror start` and the
+    systemd unit run)."""
+    from executor.admin import mirror
+
+    mirror.serve(obj.settings, say=lambda line: click.echo(f"mirror: {line}"))
+
+
+@mirror_group.command("prune")
+@click.pass_obj
+def mirror_prune_cmd(obj: _Context) -> None:
+    """Bring the cache within mirror.max_gib now (the supervisor also does it every few minutes)."""
+    from executor.admin import mirror
+
+    for line in mirror.prune(obj.settings, obj.config_file):
+        click.echo(f"mirror: {line}")
 
 
 @cli.command("demo")

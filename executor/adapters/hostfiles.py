@@ -3,6 +3,7 @@ the files gitlab-runner hands a stage (the job payload, BUILD_EXIT_CODE_FILE).""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def remove_file(path: Path) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def read_secret(path: str, what: str) -> str:
+    """A secret kept in a root-only file (its first line); a ConfigError naming `what` if it
+    cannot be read or other users can read it. The secret itself never reaches a message."""
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{what}: {path} is mode {st.st_mode & 0o777:o}; make it 0600 (it holds a password)")
+    if not text:
+        raise ConfigError(f"{what}: {path} is empty")
+    return text

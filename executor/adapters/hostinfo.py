@@ -11,7 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from executor.core import accel, netpolicy
+from executor.core import accel, mirror, netpolicy
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -88,3 +88,15 @@ def resolve_ipv4(host: str, timeout: float = 5.0) -> list[ipaddress.IPv4Address]
     worker.start()
     worker.join(timeout)
     return sorted(set(found)) if not worker.is_alive() else []
+
+
+def listening_tcp() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every listening TCP socket of this host's network namespace."""
+    found: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
+    for path, ipv6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                found += mirror.parse_proc_net_tcp(f.read(), ipv6)
+        except OSError:
+            continue
+    return found

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from executor.adapters import hostinfo
+from executor.adapters import hostinfo, registry_daemon
 from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
 from executor.adapters.hypervisor import Hypervisor, connect
-from executor.core import accel, naming
+from executor.admin import mirror as mirror_admin
+from executor.core import accel, mirror, naming
 from executor.core.jobenv import Job
 from executor.core.jsonvalues import object_at
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
@@ -74,28 +73,77 @@ def _check_image(settings: Settings) -> Check:
 
 
 def _check_mirror(url: str) -> Check:
-    probe = url.rstrip("/") + "/v2/"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the mirror is local
-    try:
-        with opener.open(probe, timeout=5) as resp:
-            return Check("mirror", True, f"{url} answers (HTTP {resp.status} on /v2/)")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:  # a registry asking for auth is up
-            return Check("mirror", True, f"{url} answers (HTTP 401 on /v2/)")
+    """One of the operator's own docker.registry_mirrors."""
+    problem = registry_daemon.probe(url, timeout=5)
+    if problem is None:
+        return Check("mirror", True, f"{url} answers on /v2/")
+    if problem.startswith("HTTP"):
         return Check(
             "mirror",
             False,
-            f"{url}: HTTP {exc.code} on /v2/, not a registry API",
+            f"{url}: {problem}",
             "point docker.registry_mirrors at a registry (distribution proxy cache)",
         )
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return Check(
-            "mirror",
-            False,
-            f"{url} unreachable: {reason}",
-            "start the mirror, or remove it from docker.registry_mirrors",
+    return Check(
+        "mirror",
+        False,
+        f"{url} unreachable: {problem}",
+        "start the mirror, or remove it from docker.registry_mirrors",
+    )
+
+
+def _mirror_checks(settings: Settings) -> list[Check]:
+    """Our registry mirror: running, answering where VMs reach it and nowhere else, its
+    upstream reachable, its cache within the cap."""
+    if not settings.mirror.enabled:
+        return [
+            Check("registry mirror", True, "disabled (mirror.enabled = false): every job pulls from the registries")
+        ]
+    st = mirror_admin.status(settings)
+    checks = []
+    if st.answering:
+        checks.append(
+            Check(
+                "registry mirror",
+                True,
+                f"{st.url} answers (port {settings.mirror.port} open to job VMs in the network policy); "
+                f"{st.used_bytes / GIB:.2f} of {settings.mirror.max_gib} GiB, {len(st.repositories)} repositories",
+            )
         )
+    else:
+        running = f"its supervisor runs (pid {st.supervisor_pid})" if st.supervisor_pid else "it is not running"
+        checks.append(
+            Check(
+                "registry mirror",
+                False,
+                f"{st.url} does not answer ({st.problem}); {running}. Jobs still work, pulling directly",
+                f"libvirt-executor mirror start; see {mirror_admin.mirror_dir(settings).log}",
+            )
+        )
+    if st.foreign_listeners:
+        checks.append(
+            Check(
+                "mirror listen",
+                False,
+                f"something also listens on port {settings.mirror.port} at {', '.join(st.foreign_listeners)} "
+                "(the mirror must listen only on the VM network's host address)",
+                "stop that service (Debian's docker-registry.service listens on every address)",
+            )
+        )
+    else:
+        checks.append(Check("mirror listen", True, f"port {settings.mirror.port} is bound only at {st.url}"))
+    if st.upstream_problem:
+        checks.append(
+            Check(
+                "mirror upstream",
+                False,
+                f"{st.upstream} unreachable from this host: {st.upstream_problem}",
+                "check the host's internet access (and mirror.upstream)",
+            )
+        )
+    else:
+        checks.append(Check("mirror upstream", True, f"{st.upstream} answers"))
+    return checks
 
 
 def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None] | None = None) -> list[Check]:
@@ -147,8 +195,10 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             for name in ("accelerator", "storage pool", "disk space", "network", "network policy"):
                 add(Check(name, None, "needs libvirt"))
     image = add(_check_image(settings))
-    for mirror in settings.docker.registry_mirrors:
-        add(_check_mirror(mirror))
+    for check in _mirror_checks(settings):
+        add(check)
+    for url in settings.docker.registry_mirrors:
+        add(_check_mirror(url))
     if boot:
         if not libvirt_ok or not image.ok or any(c.ok is False for c in checks):
             add(Check("boot", None, "a probe VM needs every check above to pass"))
@@ -267,7 +317,7 @@ def _check_network_policy(settings: Settings, hv: Hypervisor) -> Check:
             "modprobe br_netfilter && sysctl -w net.bridge.bridge-nf-call-iptables=1 (and make both persistent)",
         )
     net = settings.network
-    ports = ", ".join(str(p) for p in sorted({53, *net.allow_host_ports}))
+    ports = ", ".join(str(p) for p in sorted({53, *net.allow_host_ports, *mirror.host_ports(settings)}))
     return Check(
         "network policy",
         True,

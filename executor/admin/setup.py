@@ -10,6 +10,7 @@ from pathlib import Path
 from executor.adapters.hostfiles import load_settings
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
+from executor.admin import mirror
 from executor.core import naming
 from executor.core.domain_xml import build_dir_pool, build_nat_network
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
@@ -19,7 +20,8 @@ SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example
 
 
 def setup_host(config_file: str, example: str | None = None) -> list[str]:
-    """Create the config (if missing), directories, storage pool, nwfilter and network. Idempotent:
+    """Create the config (if missing), directories, storage pool, nwfilter, network and the
+    registry mirror (started). Idempotent:
     returns what it changed, an empty list when the host was already set up."""
     changes: list[str] = []
     config = Path(config_file)
@@ -66,4 +68,6 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
             changes.append(
                 f"network {settings.libvirt.network} ({net}, bridge {settings.libvirt.bridge}) defined and started"
             )
+    # After the network: the mirror listens on the bridge's address.
+    changes += mirror.set_up(settings, config_file)
     return changes

@@ -19,7 +19,7 @@ from typing import Any
 from executor.core.imagerecipe import BUILDS_DIR, CACHE_DIR, JOB_USER
 from executor.core.images import PULL_POLICIES, ImageSpecError, parse_reference
 from executor.core.naming import USER_NAME
-from executor.core.netpolicy import DEFAULT_BLOCKED_NETWORKS
+from executor.core.netpolicy import DEFAULT_BLOCKED_NETWORKS, DNS_PORT
 from executor.core.nwfilter_xml import FILTER_NAME
 from executor.errors import ConfigError
 
@@ -105,6 +105,20 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class MirrorSettings:
+    """The registry mirror on the host (core.mirror): a pull-through cache of `upstream` that
+    every job VM's dockerd uses for Docker Hub names."""
+
+    enabled: bool = True
+    port: int = 5000  # on the host's VM-network address only
+    upstream: str = "https://registry-1.docker.io"
+    username: str = ""  # for the upstream; the password is read from password_file
+    password_file: str = ""
+    storage: str = "/var/lib/libvirt-executor/mirror"
+    max_gib: float = 50.0  # cached data above this is evicted, least recently pulled first
+
+
+@dataclass(frozen=True)
 class Settings:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -113,6 +127,7 @@ class Settings:
     paths: PathSettings = field(default_factory=PathSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    mirror: MirrorSettings = field(default_factory=MirrorSettings)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -132,6 +147,7 @@ _SECTIONS: dict[str, type] = {
     "paths": PathSettings,
     "docker": DockerSettings,
     "network": NetworkSettings,
+    "mirror": MirrorSettings,
 }
 
 
@@ -148,7 +164,8 @@ def _coerce(section: str, name: str, kind: str, default: Any, value: Any, proble
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        problems.append(f"{key}: expected a number of seconds, got {value!r}")
+        unit = " of seconds" if section == "timeouts" else ""
+        problems.append(f"{key}: expected a number{unit}, got {value!r}")
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -220,6 +237,25 @@ def _check(s: Settings, problems: list[str]) -> None:
             problems.append(f"docker.insecure_registries: {reg!r} is not a host[:port] or CIDR")
     _check_network(s.network, problems)
     _check_docker(s.docker, problems)
+    _check_mirror(s.mirror, problems)
+
+
+def _check_mirror(m: MirrorSettings, problems: list[str]) -> None:
+    if not 1 <= m.port <= 65535 or m.port == DNS_PORT:
+        problems.append(f"mirror.port: {m.port} is not a free TCP port (1-65535, not 53)")
+    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+/?$", m.upstream):
+        problems.append(
+            f"mirror.upstream: {m.upstream!r} must be a registry's root URL, like https://registry.example.com"
+        )
+    if bool(m.username) != bool(m.password_file):
+        problems.append("mirror.username and mirror.password_file: set both (upstream credentials) or neither")
+    if m.username and not re.match(r"^[^\s:]{1,255}$", m.username):
+        problems.append("mirror.username: must be 1-255 characters without spaces or ':'")
+    for key, value in (("mirror.storage", m.storage), ("mirror.password_file", m.password_file)):
+        if value and not value.startswith("/"):
+            problems.append(f"{key}: must be an absolute path, got {value!r}")
+    if not 0 < m.max_gib <= 1_000_000:
+        problems.append(f"mirror.max_gib: must be a positive number of GiB, got {m.max_gib}")
 
 
 def _check_docker(d: DockerSettings, problems: list[str]) -> None:

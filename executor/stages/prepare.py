@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from executor.adapters import hostinfo
+from executor.adapters import hostinfo, registry_daemon
 from executor.adapters.guest_docker import DOCKER_TLS_PORT, DockerUnavailable, GuestDocker, TLSFiles
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
 from executor.adapters.hostfiles import console_log, console_tail, load_base_image
@@ -22,7 +22,7 @@ from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.keys import DockerTLS, generate_docker_tls, generate_ed25519
 from executor.adapters.seed_iso import build_seed_iso
 from executor.adapters.statedir import StateDir
-from executor.core import accel, naming, netpolicy
+from executor.core import accel, mirror, naming, netpolicy
 from executor.core.baseimage import BaseImage, config_disagreements
 from executor.core.domain_xml import (
     JobRecord,
@@ -46,6 +46,7 @@ from executor.stages.config import DRIVER_NAME
 log = logging.getLogger(__name__)
 
 DOCKER_TLS_DIR = "/etc/docker/tls"  # where the image's init puts the seed's TLS files
+MIRROR_PROBE_S = 2.0  # the mirror is on this host: it answers in milliseconds or not at all
 
 
 @dataclass
@@ -88,7 +89,8 @@ def prepare(
                 policy = network_policy(settings, job)
                 for note in policy.notes:
                     out(f"{DRIVER_NAME}: {note}")
-                ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, timings)
+                mirrors = registry_mirrors(settings, out)
+                ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, mirrors, timings)
                 with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
                     with _wait_for_docker(hv, settings, state, vm, ip, timings) as docker:
                         if plan is not None:
@@ -116,12 +118,28 @@ def network_policy(settings: Settings, job: Job) -> netpolicy.Policy:
         server = (job.gitlab_host, hostinfo.resolve_ipv4(job.gitlab_host))
     return netpolicy.decide(
         settings.gateway,
-        net.allow_host_ports,
+        (*net.allow_host_ports, *mirror.host_ports(settings)),
         net.allowed_networks,
         net.blocked_networks,
         hostinfo.local_ipv4_addresses(),
         server,
     )
+
+
+def registry_mirrors(settings: Settings, out: Callable[[str], None]) -> list[str]:
+    """The VM daemon's `registry-mirrors`. Ours only if it answers now: a VM's dockerd would
+    fall back to the upstream anyway, but the job log should say why its pulls are slow."""
+    answers = False
+    if settings.mirror.enabled:
+        url = mirror.mirror_url(settings)
+        problem = registry_daemon.probe(url, timeout=MIRROR_PROBE_S)
+        answers = problem is None
+        if problem is not None:
+            out(
+                f"{DRIVER_NAME}: the registry mirror {url} is not answering ({problem}): "
+                "this job pulls Docker Hub images from Docker Hub directly"
+            )
+    return mirror.daemon_mirrors(settings, answers)
 
 
 def _roll_back(settings: Settings, state: StateDir, vm: str, exc: BaseException) -> None:
@@ -150,6 +168,7 @@ def _create_vm(
     vm: str,
     choice: accel.Choice,
     policy: netpolicy.Policy,
+    mirrors: list[str],
     timings: Timings,
 ) -> str:
     """Reserve the address, make the keys, the seed and the overlay, define and start the
@@ -160,7 +179,7 @@ def _create_vm(
     state.write_client_key(vm, client_private)
     tls = generate_docker_tls(vm, (ip,), ("localhost",), _lifetime(settings, job))
     state.write_docker_client(vm, tls.ca_cert, tls.client_cert, tls.client_key)
-    seed_path = _write_seed(hv, settings, vm, ip, client_public, host_private, host_public, tls)
+    seed_path = _write_seed(hv, settings, vm, ip, client_public, host_private, host_public, tls, mirrors)
     log.debug("%s: seed written in %.1fs", vm, time.monotonic() - timings.start)
 
     capacity = max(settings.vm.disk_gib * GIB, image.virtual_bytes)
@@ -242,6 +261,7 @@ def _write_seed(
     host_private: str,
     host_public: str,
     tls: DockerTLS,
+    mirrors: list[str],
 ) -> str:
     """The job's seed ISO as a volume of the pool; its path."""
     seed = build_seed_iso(
@@ -255,7 +275,7 @@ def _write_seed(
             authorized_key=client_public,
             host_key_private=host_private,
             host_key_public=host_public,
-            daemon_json=_daemon_json(settings, ip),
+            daemon_json=daemon_json(settings, ip, mirrors),
             ca_certificates=_extra_cas(settings),
             docker_tls=(tls.ca_cert, tls.server_cert, tls.server_key),
         )
@@ -266,7 +286,7 @@ def _write_seed(
     return path
 
 
-def _daemon_json(settings: Settings, ip: str) -> dict[str, Any]:
+def daemon_json(settings: Settings, ip: str, mirrors: list[str]) -> dict[str, Any]:
     # The socket for the job, TCP with mutual TLS (per-job CA) for the executor: no Docker port
     # without TLS is reachable from outside the VM.
     config: dict[str, Any] = {
@@ -277,8 +297,8 @@ def _daemon_json(settings: Settings, ip: str) -> dict[str, Any]:
         "tlscert": f"{DOCKER_TLS_DIR}/cert.pem",
         "tlskey": f"{DOCKER_TLS_DIR}/key.pem",
     }
-    if settings.docker.registry_mirrors:
-        config["registry-mirrors"] = list(settings.docker.registry_mirrors)
+    if mirrors:
+        config["registry-mirrors"] = mirrors
     if settings.docker.insecure_registries:
         config["insecure-registries"] = list(settings.docker.insecure_registries)
     return config

@@ -172,6 +172,14 @@ def docker_cli_files(workdir: Path) -> dict[str, bytes]:
 class Registry:
     address: str  # host:port, plain HTTP
     auth: tuple[str, str] | None = None  # (user, password) when htpasswd is on
+    process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        """Stop serving (e.g. an upstream going away under a mirror); its data stays until the
+        context ends."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
 
     def push(self, layout: Path, name: str, workdir: Path) -> str:
         """Copy the layout to `name` (path:tag) in this registry; the pullable reference."""
@@ -219,7 +227,7 @@ def running_registry(directory: Path, address: str, auth: tuple[str, str] | None
                         f"docker-registry did not start: {(directory / 'log').read_text()[-2000:]}"
                     ) from None
                 time.sleep(0.2)
-        yield Registry(address, auth)
+        yield Registry(address, auth, proc)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -9,7 +9,7 @@ import pytest
 from executor.adapters import hypervisor
 from executor.core import naming
 from executor.core.domain_xml import JobRecord, VMSpec
-from executor.core.settings import LibvirtSettings, PathSettings, Settings
+from executor.core.settings import LibvirtSettings, MirrorSettings, PathSettings, Settings
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TEST_URI = "test:///default"
@@ -113,4 +113,5 @@ def tmp_settings(tmp_path) -> Settings:
     return Settings(
         libvirt=LibvirtSettings(uri=TEST_URI, pool="default-pool", network="default"),
         paths=PathSettings(state_dir=str(tmp_path / "state"), console_log_dir=str(tmp_path / "console")),
+        mirror=MirrorSettings(enabled=False, storage=str(tmp_path / "mirror")),  # tests that want one say so
     )

@@ -49,11 +49,13 @@ def write_test_config(
     allow_host_ports: tuple[int, ...] = (),
     allowed_networks: tuple[str, ...] = (),
     docker: str = "",
+    mirror: str = "enabled = false",
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
     console-log dir, and the executor's network policy (nwfilter lvx-job, whatever the host's
-    config says) with these host ports and networks open."""
+    config says) with these host ports and networks open. No registry mirror unless `mirror`
+    (the [mirror] section's lines) says so."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -91,6 +93,9 @@ allowed_networks = {json.dumps(list(allowed_networks))}
 
 [docker]
 {docker}
+
+[mirror]
+{mirror}
 """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from executor.adapters import hostfiles
 from executor.adapters.hostfiles import console_tail, load_settings, write_build_exit_code
 from executor.core.settings import CONFIG_PATH_ENV
 from executor.errors import ConfigError
@@ -103,3 +104,27 @@ def test_write_build_exit_code_without_the_variable_writes_nothing(tmp_path, mon
     write_build_exit_code(7, {})
     write_build_exit_code(7, {"BUILD_EXIT_CODE_FILE": ""})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_secret_takes_the_first_line_of_a_root_only_file(tmp_path):
+    path = tmp_path / "pw"
+    path.write_text("s3cret\nignored\n")
+    path.chmod(0o600)
+    assert hostfiles.read_secret(str(path), "mirror.password_file") == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "problem"), [("s3cret\n", 0o644, "is mode 644; make it 0600"), ("\n", 0o600, "is empty")]
+)
+def test_read_secret_refuses_a_readable_or_empty_file_without_showing_it(tmp_path, content, mode, problem):
+    path = tmp_path / "pw"
+    path.write_text(content)
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match="mirror.password_file") as info:
+        hostfiles.read_secret(str(path), "mirror.password_file")
+    assert problem in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_read_secret_names_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read .*/missing"):
+        hostfiles.read_secret(str(tmp_path / "missing"), "mirror.password_file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def policy_in_place(monkeypatch):
     monkeypatch.setattr(hostinfo, "bridge_netfilter", lambda: True)
 
 
-def write_config(tmp_path, *, mirrors=(), uri="test:///default", extra="", nwfilter="lvx-job"):
+def write_config(
+    tmp_path, *, mirrors=(), uri="test:///default", extra="", nwfilter="lvx-job", mirror="enabled = false\n"
+):
     (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
     (tmp_path / "console").mkdir(exist_ok=True)
     config = tmp_path / "config.toml"
@@ -65,6 +68,7 @@ def write_config(tmp_path, *, mirrors=(), uri="test:///default", extra="", nwfil
         f'[libvirt]\nuri = "{uri}"\npool = "default-pool"\nnetwork = "default"\nnwfilter = "{nwfilter}"\n'
         f'[image]\ndir = "{tmp_path / "image"}"\n'
         f'[paths]\nstate_dir = "{tmp_path / "state"}"\nconsole_log_dir = "{tmp_path / "console"}"\n'
+        f"[mirror]\n{mirror}"
         f"[docker]\nregistry_mirrors = {json.dumps(list(mirrors))}\n{extra}"
     )
     return str(config)
@@ -91,6 +95,7 @@ def test_healthy_host_passes_every_check(hv, tmp_path):
         "network",
         "network policy",
         "base image",
+        "registry mirror",
     ]
     assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
     assert by_name(checks)["accelerator"].detail.startswith("TCG")  # the test driver offers no KVM
@@ -182,7 +187,43 @@ def test_mirror_reachable_and_unreachable(hv, tmp_path, registry):
     dead.server_close()  # nothing listens there now
     checks = [c for c in doctor(write_config(tmp_path, mirrors=[registry, dead_url])) if c.name == "mirror"]
     assert [c.ok for c in checks] == [True, False]
-    assert "HTTP 401" in checks[0].detail and "unreachable" in checks[1].detail
+    assert "answers on /v2/" in checks[0].detail and "unreachable" in checks[1].detail  # 401 (auth) is up
+
+
+def loopback_mirror_config(tmp_path, upstream, port):
+    """A config whose mirror is enabled on a subnet with 127.0.0.1 as the host's address, so that
+    the mirror's URL is one a test server on loopback answers (the subnet is not used otherwise)."""
+    keys = f'port = {port}\nupstream = "{upstream}"\nstorage = "{tmp_path / "mirror"}"\n'
+    config = Path(write_config(tmp_path, mirror=keys))
+    config.write_text(config.read_text().replace("[libvirt]\n", '[libvirt]\nsubnet = "127.0.0.0/24"\n'))
+    return str(config)
+
+
+def test_our_mirror_answering_listening_only_there_with_its_upstream(hv, tmp_path, registry):
+    fake_image(tmp_path / "image")
+    port = int(registry.rsplit(":", 1)[1])
+    checks = by_name(doctor(loopback_mirror_config(tmp_path, registry, port)))
+    assert checks["registry mirror"].ok, checks["registry mirror"].line()
+    assert f"http://127.0.0.1:{port} answers (port {port} open to job VMs" in checks["registry mirror"].detail
+    assert checks["mirror listen"].ok, checks["mirror listen"].line()
+    assert checks["mirror upstream"].ok and registry in checks["mirror upstream"].detail
+
+
+def test_our_mirror_down_and_another_listener_on_its_port(hv, tmp_path):
+    fake_image(tmp_path / "image")
+    other = socket.create_server(("127.0.0.2", 0))  # a service on the mirror's port, another address
+    port = other.getsockname()[1]
+    try:
+        checks = by_name(doctor(loopback_mirror_config(tmp_path, "http://127.0.0.1:1", port)))
+    finally:
+        other.close()
+    mirror = checks["registry mirror"]
+    assert mirror.ok is False and "does not answer" in mirror.detail and "it is not running" in mirror.detail
+    assert "mirror start" in mirror.fix
+    assert checks["mirror listen"].ok is False and f"127.0.0.2:{port}" in checks["mirror listen"].detail
+    assert (
+        checks["mirror upstream"].ok is False and "http://127.0.0.1:1 unreachable" in checks["mirror upstream"].detail
+    )
 
 
 def test_boot_probe_is_skipped_when_a_check_failed(hv, tmp_path):

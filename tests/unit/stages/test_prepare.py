@@ -8,7 +8,10 @@ real "not supported" upload error, the second stands in for the upload and for t
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
+import socket
+import threading
 
 import pytest
 
@@ -85,3 +88,48 @@ def test_a_config_that_disagrees_with_the_image_is_refused_before_anything_is_ma
     with pytest.raises(ConfigError, match="vm.user = 'builder', but the image .* was built with 'runner'"):
         prepare_stage.prepare(other, JOB)
     assert left_on_host(hv, other) == {}
+
+
+def _loopback_mirror_settings(tmp_settings, port: int) -> Settings:
+    """The mirror enabled on a subnet whose host address is 127.0.0.1, where a test server can
+    answer (or nothing listens)."""
+    libvirt = dataclasses.replace(tmp_settings.libvirt, subnet="127.0.0.0/24")
+    docker = dataclasses.replace(tmp_settings.docker, registry_mirrors=("http://operators-own",))
+    mirror = dataclasses.replace(tmp_settings.mirror, enabled=True, port=port)
+    return dataclasses.replace(tmp_settings, libvirt=libvirt, docker=docker, mirror=mirror)
+
+
+def test_a_mirror_that_does_not_answer_is_left_out_and_the_job_log_says_so_once(tmp_settings):
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    lines: list[str] = []
+    mirrors = prepare_stage.registry_mirrors(_loopback_mirror_settings(tmp_settings, port), lines.append)
+    assert mirrors == ["http://operators-own"]
+    assert len(lines) == 1
+    assert f"the registry mirror http://127.0.0.1:{port} is not answering" in lines[0]
+    assert "pulls Docker Hub images from Docker Hub directly" in lines[0]
+
+
+def test_an_answering_mirror_comes_first_and_its_port_is_open_to_the_vm(tmp_settings):
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = _loopback_mirror_settings(tmp_settings, server.server_address[1])
+        lines: list[str] = []
+        mirrors = prepare_stage.registry_mirrors(settings, lines.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert mirrors == [f"http://127.0.0.1:{server.server_address[1]}", "http://operators-own"] and lines == []
+    assert prepare_stage.daemon_json(settings, "127.0.0.10", mirrors)["registry-mirrors"] == mirrors
+    policy = prepare_stage.network_policy(settings, JOB)
+    assert server.server_address[1] in policy.host_ports

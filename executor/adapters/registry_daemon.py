@@ -1,0 +1,397 @@
+"""The registry mirror's process on the host: Debian's `docker-registry`, supervised by us.
+
+Everything of one mirror lives in its storage directory:
+
+    <storage>/config.yml        distribution's config (0640 root:docker-registry; may hold the
+                                upstream's password)
+    <storage>/data/             the cached blobs and manifests (owned by docker-registry)
+    <storage>/supervisor.lock   flock held by the supervisor for its whole life, with its pid
+    <storage>/registry.log      the registry's and the supervisor's output (rotated at 8 MiB)
+
+A held flock is what "running" means: a stale pid file or a dead supervisor's leftovers cannot
+fool it, because the kernel drops the lock with the process. The supervisor restarts the
+registry when it exits (distribution 2.8 exits at start when its upstream does not answer, so a
+mirror set up while the internet is away starts by itself once it is back), and stops it for
+maintenance (eviction and garbage collection, which distribution wants done offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from executor.core.mirror import CachedRepository
+from executor.errors import ConfigError, SystemFailure
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+LOG_ROTATE_BYTES = 8 * 1024**2
+MAX_BACKOFF_S = 30.0
+STABLE_AFTER_S = 60.0  # a registry that ran this long restarts at once after an exit
+SYSTEMD_UNIT = "libvirt-executor-mirror.service"
+SYSTEMD_UNIT_PATH = Path("/etc/systemd/system") / SYSTEMD_UNIT
+DEBIAN_UNIT = "docker-registry.service"  # the package's own: Debian's config, on every address
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def account(user: str) -> tuple[int, int]:
+    """(uid, gid) of the registry's user; a ConfigError when the package did not create it."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"user {user} does not exist: install Debian's docker-registry package") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+class MirrorDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.config = self.root / "config.yml"
+        self.lock = self.root / "supervisor.lock"
+        self.log = self.root / "registry.log"
+        self.repositories = self.data / "docker" / "registry" / "v2" / "repositories"
+        self.blobs = self.data / "docker" / "registry" / "v2" / "blobs"
+
+    def ensure(self, user: str) -> list[str]:
+        """The directories, owned so that only root and the registry's user get in."""
+        uid, gid = account(user)
+        made = []
+        for path, owner, mode in ((self.root, 0, 0o750), (self.data, uid, 0o750)):
+            if not path.is_dir():
+                path.mkdir(parents=True)
+                made.append(f"created {path}")
+            os.chown(path, owner, gid)
+            os.chmod(path, mode)
+        return made
+
+    def write_config(self, text: str, user: str) -> bool:
+        """Replace config.yml atomically when `text` differs; whether it changed."""
+        with contextlib.suppress(OSError):
+            if self.config.read_text() == text:
+                return False
+        _, gid = account(user)
+        tmp = self.config.with_name(".config.yml.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), 0, gid)
+            os.fchmod(f.fileno(), 0o640)
+            f.write(text)
+        os.replace(tmp, self.config)
+        return True
+
+    # --- the supervisor's lock -------------------------------------------------------------
+
+    def supervisor_pid(self) -> int | None:
+        """The running supervisor's pid; None when nobody holds the lock."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 32).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def supervisor_lock(self) -> Iterator[None]:
+        """Hold the lock (with our pid in it) for a supervisor's life; SystemFailure if another
+        supervisor holds it."""
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SystemFailure(f"another mirror supervisor is running for {self.root}") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)
+
+    # --- what is cached ---------------------------------------------------------------------
+
+    def blob_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.blobs.rglob("data") if f.is_file()) if self.blobs.is_dir() else 0
+
+    def cached_repositories(self) -> list[CachedRepository]:
+        """Each cached repository (a directory with `_manifests`), when it was last pulled and
+        the bytes of the layers it links."""
+        if not self.repositories.is_dir():
+            return []
+        found = []
+        for manifests in self.repositories.rglob("_manifests"):
+            repo = manifests.parent
+            links = [p for p in manifests.rglob("link") if p.is_file()]
+            last_used = max((p.stat().st_mtime for p in links), default=repo.stat().st_mtime)
+            size = 0
+            for link in (repo / "_layers").rglob("link") if (repo / "_layers").is_dir() else ():
+                digest = link.parent.name
+                data = self.blobs / "sha256" / digest[:2] / digest / "data"
+                with contextlib.suppress(OSError):
+                    size += data.stat().st_size
+            found.append(CachedRepository(str(repo.relative_to(self.repositories)), last_used, size))
+        return found
+
+    def delete_repository(self, name: str) -> None:
+        path = (self.repositories / name).resolve()
+        if self.repositories.resolve() not in path.parents:
+            raise ValueError(f"{name!r} is not a repository of {self.repositories}")
+        shutil.rmtree(path)
+
+    def rotate_log(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.log.stat().st_size > LOG_ROTATE_BYTES:
+                os.replace(self.log, self.log.with_name(self.log.name + ".1"))
+
+    def exit_reason(self, offset: int) -> str:
+        """The panic or fatal line the registry wrote after `offset` of its log (distribution
+        2.8 panics at start when its upstream does not answer), "" if none."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                text = f.read(256 * 1024).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        for line in text.splitlines():
+            if line.startswith("panic:") or "level=fatal" in line:
+                return line[:300]
+        return ""
+
+    def log_tail(self, lines: int = 5, prefix: str = "") -> str:
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join([line for line in text.splitlines() if line.startswith(prefix)][-lines:])
+
+
+def garbage_collect(mirror: MirrorDir, user: str, timeout: float = 600) -> int:
+    """distribution's offline garbage collection (the registry must be stopped): removes blobs
+    that no remaining manifest references. How many blobs it removed."""
+    uid, gid = account(user)
+    result = subprocess.run(
+        [REGISTRY_BINARY, "garbage-collect", "--delete-untagged", str(mirror.config)],
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        lines = output.strip().splitlines()
+        raise SystemFailure(f"docker-registry garbage-collect failed: {lines[-1] if lines else result.returncode}")
+    return output.count("blob eligible for deletion")
+
+
+def _registry_processes(config: Path) -> list[int]:
+    """Pids of registries serving `config` (a killed supervisor leaves its registry running)."""
+    wanted = [REGISTRY_BINARY, "serve", str(config)]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            if [a.decode(errors="replace") for a in argv] == wanted:
+                found.append(int(entry.name))
+    return found
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def supervise(
+    mirror: MirrorDir,
+    user: str,
+    *,
+    check_every: float,
+    maintenance_due: Callable[[], bool],
+    maintain: Callable[[], None],
+    say: Callable[[str], None],
+) -> None:
+    """Run the registry until SIGTERM/SIGINT, restarting it when it exits (backing off up to
+    30 s while it keeps failing) and stopping it for `maintain` whenever `maintenance_due`,
+    asked every `check_every` seconds. Call with the supervisor lock held."""
+    uid, gid = account(user)
+    stopping: list[int] = []
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    for pid in _registry_processes(mirror.config):
+        say(f"stopping a registry left by an earlier supervisor (pid {pid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    backoff = 1.0
+    next_check = 0.0
+    while not stopping:
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + check_every
+            if maintenance_due():
+                maintain()
+        mirror.rotate_log()
+        started = time.monotonic()
+        with open(mirror.log, "ab") as log:
+            log_offset = log.tell()
+            proc = subprocess.Popen(
+                [REGISTRY_BINARY, "serve", str(mirror.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                user=uid,
+                group=gid,
+                extra_groups=[],
+                cwd="/",
+            )
+        maintenance = False
+        while proc.poll() is None:
+            if stopping:
+                _stop(proc)
+                break
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + check_every
+                if maintenance_due():
+                    _stop(proc)
+                    maintain()
+                    maintenance = True
+                    break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.5)
+        if stopping or maintenance:
+            continue
+        ran = time.monotonic() - started
+        backoff = 1.0 if ran >= STABLE_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
+        why = mirror.exit_reason(log_offset)
+        say(
+            f"docker-registry exited with status {proc.returncode} after {ran:.0f} s"
+            + (f" ({why})" if why else "")
+            + f"; restarting in {backoff:.0f} s"
+        )
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.2)
+    say(f"stopped ({signal.Signals(stopping[0]).name})")
+
+
+def spawn_supervisor(argv: list[str], mirror: MirrorDir) -> int:
+    """Start `argv` (the `mirror serve` command) detached from us, output to the mirror's log;
+    its pid once it holds the supervisor lock."""
+    mirror.rotate_log()
+    with open(mirror.log, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/", close_fds=True
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pid = mirror.supervisor_pid()
+        if pid is not None:
+            return pid
+        if proc.poll() is not None:
+            raise SystemFailure(f"the mirror supervisor exited with status {proc.returncode}: {mirror.log_tail()}")
+        time.sleep(0.1)
+    raise SystemFailure(f"the mirror supervisor did not start within 15 s: {mirror.log_tail()}")
+
+
+def stop_supervisor(mirror: MirrorDir, timeout: float = 20) -> int | None:
+    """SIGTERM the supervisor (it stops the registry) and wait until its lock is free; the pid
+    it had, None if none was running."""
+    pid = mirror.supervisor_pid()
+    if pid is None:
+        return None
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while mirror.supervisor_pid() is not None:
+        if time.monotonic() > deadline:
+            raise SystemFailure(f"the mirror supervisor (pid {pid}) did not stop within {timeout:.0f} s")
+        time.sleep(0.1)
+    return pid
+
+
+def this_command() -> list[str]:
+    """How to run this executor again from here (the venv's interpreter and package)."""
+    return [sys.executable, "-m", "executor"]
+
+
+def systemctl(*args: str) -> None:
+    result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemFailure(f"systemctl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def unit_active(unit: str) -> bool:
+    return subprocess.run(["systemctl", "is-active", "--quiet", unit], check=False).returncode == 0
+
+
+def install_unit(text: str) -> bool:
+    """Write our systemd unit when it differs; whether it changed (then daemon-reload)."""
+    with contextlib.suppress(OSError):
+        if SYSTEMD_UNIT_PATH.read_text() == text:
+            return False
+    SYSTEMD_UNIT_PATH.write_text(text)
+    systemctl("daemon-reload")
+    return True
+
+
+# --- the registry API, over plain HTTP on this host ---------------------------------------
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+
+
+def probe(url: str, timeout: float = 3.0) -> str | None:
+    """None when `url` is a registry root answering its API (/v2/: 200, or 401 asking for
+    auth); else why not."""
+    try:
+        with _OPENER.open(url.rstrip("/") + "/v2/", timeout=timeout) as resp:
+            resp.read(1024)
+            return None
+    except urllib.error.HTTPError as exc:
+        return None if exc.code == 401 else f"HTTP {exc.code} on /v2/: not a registry API"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def debug_vars(address: str, timeout: float = 3.0) -> dict[str, Any] | None:
+    """The registry's expvar page (`/debug/vars` on its debug address), None if unreachable."""
+    try:
+        with _OPENER.open(f"http://{address}/debug/vars", timeout=timeout) as resp:
+            data = json.loads(resp.read(1024 * 1024))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

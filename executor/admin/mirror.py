@@ -1,0 +1,264 @@
+"""`libvirt-executor mirror ...`: the registry mirror on this host, and its part of `setup`.
+
+The mirror is Debian's docker-registry as a pull-through cache of `[mirror] upstream`, listening
+only on the host's VM-network address, run as the package's unprivileged user and supervised by
+`mirror serve` (under systemd: our unit runs it; without: `mirror start` detaches it). The
+supervisor also keeps the cache within `max_gib`: every few minutes it measures the cache, and
+when it is over the cap it stops the registry, deletes the least recently pulled repositories,
+garbage-collects the blobs nothing references any more and starts the registry again. Jobs
+pull from the upstream directly meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from executor.adapters import hostinfo, registry_daemon
+from executor.adapters.hostfiles import read_secret
+from executor.adapters.registry_daemon import MirrorDir
+from executor.core import mirror
+from executor.core.settings import GIB, Settings
+
+CHECK_EVERY_S = 300.0  # how often the supervisor measures the cache against max_gib
+ANSWER_WAIT_S = 20.0  # how long `mirror start` waits for the registry to answer
+
+
+def mirror_dir(settings: Settings) -> MirrorDir:
+    return MirrorDir(settings.mirror.storage)
+
+
+def config_text(settings: Settings) -> str:
+    password = None
+    if settings.mirror.username:
+        password = read_secret(settings.mirror.password_file, "mirror.password_file")
+    return mirror.registry_config(settings, str(mirror_dir(settings).data), password)
+
+
+def unit_text(config_file: str) -> str:
+    argv = " ".join([*registry_daemon.this_command(), "--config", config_file, "mirror", "serve"])
+    return (
+        "[Unit]\n"
+        "Description=libvirt-executor registry mirror (pull-through cache for job VMs)\n"
+        "After=network-online.target libvirtd.service\n\n"
+        "[Service]\n"
+        f"ExecStart={argv}\n"
+        "Restart=always\nRestartSec=5\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+
+
+def set_up(settings: Settings, config_file: str) -> list[str]:
+    """Make the mirror's directories and config and have it running (or stopped, when the
+    config disables it); what changed."""
+    mdir = mirror_dir(settings)
+    if not settings.mirror.enabled:
+        stopped = "registry mirror stopped (mirror.enabled = false)"
+        if registry_daemon.systemd_running():
+            if not registry_daemon.unit_active(registry_daemon.SYSTEMD_UNIT):
+                return []
+            registry_daemon.systemctl("disable", "--now", registry_daemon.SYSTEMD_UNIT)
+            return [stopped]
+        return [] if registry_daemon.stop_supervisor(mdir) is None else [stopped]
+    changes = mdir.ensure(mirror.RUN_AS)
+    if mdir.write_config(config_text(settings), mirror.RUN_AS):
+        changes.append(f"wrote the mirror's registry config {mdir.config}")
+    restart = bool(changes)
+    if registry_daemon.systemd_running():
+        if registry_daemon.unit_active(registry_daemon.DEBIAN_UNIT):
+            registry_daemon.systemctl("disable", "--now", registry_daemon.DEBIAN_UNIT)
+            changes.append(f"stopped and disabled Debian's {registry_daemon.DEBIAN_UNIT} (it listens everywhere)")
+        if registry_daemon.install_unit(unit_text(config_file)):
+            changes.append(f"installed {registry_daemon.SYSTEMD_UNIT_PATH}")
+            restart = True
+        if not registry_daemon.unit_active(registry_daemon.SYSTEMD_UNIT) or restart:
+            registry_daemon.systemctl("enable", registry_daemon.SYSTEMD_UNIT)
+            registry_daemon.systemctl("restart", registry_daemon.SYSTEMD_UNIT)
+            changes.append(f"registry mirror (re)started: {_answer_summary(settings)}")
+        return changes
+    if restart:
+        registry_daemon.stop_supervisor(mdir)
+    if mdir.supervisor_pid() is None:
+        changes.append(f"registry mirror started: {start(settings, config_file)}")
+    return changes
+
+
+def start(settings: Settings, config_file: str) -> str:
+    """Start the supervisor unless it runs; how the mirror is doing afterwards."""
+    if registry_daemon.systemd_running():
+        registry_daemon.systemctl("start", registry_daemon.SYSTEMD_UNIT)
+        return _answer_summary(settings)
+    mdir = mirror_dir(settings)
+    pid = mdir.supervisor_pid()
+    if pid is None:
+        mdir.ensure(mirror.RUN_AS)
+        mdir.write_config(config_text(settings), mirror.RUN_AS)
+        argv = [*registry_daemon.this_command(), "--config", os.path.abspath(config_file), "mirror", "serve"]
+        pid = registry_daemon.spawn_supervisor(argv, mdir)
+    return f"supervisor pid {pid}; {_answer_summary(settings)}"
+
+
+def _answer_summary(settings: Settings) -> str:
+    """Wait a little for the registry to answer; say where it answers, or why it does not yet."""
+    url = mirror.mirror_url(settings)
+    reason = registry_daemon.probe(url, timeout=2)
+    waited = 0.0
+    while reason is not None and waited < ANSWER_WAIT_S:
+        time.sleep(0.5)
+        waited += 0.5
+        reason = registry_daemon.probe(url, timeout=2)
+    if reason is None:
+        return f"answering at {url}"
+    tail = mirror_dir(settings).log_tail(1, prefix="mirror: ") or mirror_dir(settings).log_tail(1)
+    return (
+        f"not answering at {url} yet ({reason}); it restarts by itself until its upstream "
+        f"{settings.mirror.upstream} answers. Last log line: {tail}"
+    )
+
+
+def stop(settings: Settings) -> str:
+    if registry_daemon.systemd_running():
+        registry_daemon.systemctl("stop", registry_daemon.SYSTEMD_UNIT)
+        return f"stopped {registry_daemon.SYSTEMD_UNIT}"
+    pid = registry_daemon.stop_supervisor(mirror_dir(settings))
+    return "not running" if pid is None else f"stopped (supervisor pid {pid})"
+
+
+def serve(settings: Settings, say: Callable[[str], None]) -> None:
+    """The supervisor, in the foreground until SIGTERM: what systemd or `mirror start` runs."""
+    mdir = mirror_dir(settings)
+    mdir.ensure(mirror.RUN_AS)
+
+    def maintain() -> None:
+        for line in evict(settings):
+            say(line)
+
+    with mdir.supervisor_lock():
+        mdir.write_config(config_text(settings), mirror.RUN_AS)
+        say(f"serving {mirror.mirror_url(settings)} as a cache of {settings.mirror.upstream}")
+        registry_daemon.supervise(
+            mdir,
+            mirror.RUN_AS,
+            check_every=CHECK_EVERY_S,
+            maintenance_due=lambda: over_cap(settings),
+            maintain=maintain,
+            say=say,
+        )
+
+
+def over_cap(settings: Settings) -> bool:
+    return mirror_dir(settings).blob_bytes() > settings.mirror.max_gib * GIB
+
+
+def evict(settings: Settings, rounds: int = 3) -> list[str]:
+    """With the registry stopped: delete the least recently pulled repositories and garbage-
+    collect until the cache is within its cap (shared blobs may take a second round)."""
+    mdir = mirror_dir(settings)
+    lines = []
+    for _ in range(rounds):
+        used = mdir.blob_bytes()
+        chosen = mirror.evictions(mdir.cached_repositories(), used, settings.mirror.max_gib)
+        if not chosen:
+            break
+        for repo in chosen:
+            mdir.delete_repository(repo.name)
+        removed = registry_daemon.garbage_collect(mdir, mirror.RUN_AS)
+        lines.append(
+            f"cache at {_size(used)}, over mirror.max_gib = {settings.mirror.max_gib:g}: evicted "
+            f"{', '.join(r.name for r in chosen)}; garbage-collect removed {removed} blobs; now {_size(mdir.blob_bytes())}"
+        )
+    return lines
+
+
+def prune(settings: Settings, config_file: str) -> list[str]:
+    """Enforce max_gib now: stop the mirror, evict, start it again if it was running."""
+    mdir = mirror_dir(settings)
+    was_running = mdir.supervisor_pid() is not None
+    if was_running:
+        stop(settings)
+    lines = evict(settings) or [
+        f"cache within mirror.max_gib ({_size(mdir.blob_bytes())} of {settings.mirror.max_gib:g} GiB)"
+    ]
+    if was_running:
+        lines.append(f"restarted: {start(settings, config_file)}")
+    return lines
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    enabled: bool
+    url: str
+    supervisor_pid: int | None
+    answering: bool
+    problem: str  # why it does not answer, "" when it does
+    upstream: str
+    upstream_problem: str  # "" when the upstream answers from here
+    storage: str
+    used_bytes: int
+    max_bytes: int
+    repositories: list[str]
+    foreign_listeners: list[str]  # other sockets on the mirror's port (never wanted)
+    blob_hits: int | None
+    blob_misses: int | None
+    manifest_hits: int | None
+    manifest_misses: int | None
+
+
+def status(settings: Settings) -> MirrorStatus:
+    mdir = mirror_dir(settings)
+    url = mirror.mirror_url(settings)
+    problem = registry_daemon.probe(url) or ""
+    upstream_problem = registry_daemon.probe(settings.mirror.upstream, timeout=5) or ""
+    stats = None
+    if not problem:
+        expvars = registry_daemon.debug_vars(f"{mirror.DEBUG_ADDRESS}:{settings.mirror.port}")
+        stats = mirror.proxy_stats(expvars) if expvars else None
+    return MirrorStatus(
+        enabled=settings.mirror.enabled,
+        url=url,
+        supervisor_pid=mdir.supervisor_pid(),
+        answering=not problem,
+        problem=problem,
+        upstream=settings.mirror.upstream,
+        upstream_problem=upstream_problem,
+        storage=str(mdir.root),
+        used_bytes=mdir.blob_bytes(),
+        max_bytes=int(settings.mirror.max_gib * GIB),
+        repositories=sorted(r.name for r in mdir.cached_repositories()),
+        foreign_listeners=mirror.foreign_listeners(hostinfo.listening_tcp(), settings),
+        blob_hits=stats.blobs.hits if stats else None,
+        blob_misses=stats.blobs.misses if stats else None,
+        manifest_hits=stats.manifests.hits if stats else None,
+        manifest_misses=stats.manifests.misses if stats else None,
+    )
+
+
+def status_dict(st: MirrorStatus) -> dict[str, object]:
+    return asdict(st)
+
+
+def format_status(st: MirrorStatus) -> str:
+    lines = [
+        f"mirror      {'enabled' if st.enabled else 'disabled (mirror.enabled = false)'}",
+        f"serving     {st.url}: " + ("answering" if st.answering else f"NOT answering ({st.problem})"),
+        "supervisor  " + (f"pid {st.supervisor_pid}" if st.supervisor_pid else "not running"),
+        f"upstream    {st.upstream}: "
+        + ("reachable" if not st.upstream_problem else f"unreachable ({st.upstream_problem})"),
+        f"disk        {_size(st.used_bytes)} of {_size(st.max_bytes)} in {st.storage}",
+        f"cached      {len(st.repositories)} repositories"
+        + (f": {', '.join(st.repositories[:10])}" if st.repositories else ""),
+    ]
+    if st.blob_hits is not None:
+        lines.append(
+            f"since start blobs {st.blob_hits} hits / {st.blob_misses} misses, "
+            f"manifests {st.manifest_hits} hits / {st.manifest_misses} misses"
+        )
+    if st.foreign_listeners:
+        lines.append(f"WARNING     also listening on the mirror's port: {', '.join(st.foreign_listeners)}")
+    return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
 from executor.jobvm.accel import choose_accel
 from executor.stages.cleanup import cleanup
 from executor.stages.prepare import prepare
+from executor.stages.run import run
 
 MIN_HOST_FREE = 256 * 1024**2  # state and console-log filesystems
 PROBE_JOB_ID_BASE = 999_999_999_000_000_000  # doctor --boot's VM: far above any real job id
@@ -203,7 +206,8 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
         if not libvirt_ok or not image.ok or any(c.ok is False for c in checks):
             add(Check("boot", None, "a probe VM needs every check above to pass"))
         else:
-            add(_boot_probe(settings))
+            for check in _boot_probe(settings):
+                add(check)
     return checks
 
 
@@ -342,8 +346,9 @@ def _check_kvm_device(path: str = hostinfo.KVM_DEVICE) -> Check | None:
     )
 
 
-def _boot_probe(settings: Settings) -> Check:
-    """Boot one VM through prepare (SSH and dockerd answering), then clean it up."""
+def _boot_probe(settings: Settings) -> list[Check]:
+    """Boot one VM through prepare (SSH and dockerd answering), ask the registry mirror's API
+    from inside it when the mirror is on, then clean it up."""
     job = Job(
         job_id=PROBE_JOB_ID_BASE + os.getpid() % 1_000_000,
         project_id=None,
@@ -355,9 +360,12 @@ def _boot_probe(settings: Settings) -> Check:
     lines: list[str] = []
     started = time.monotonic()
     ok, detail = False, "probe VM did not finish"
+    from_vm: Check | None = None
     try:
         prepare(settings, job, out=lines.append)
         ok, detail = True, (lines[-1] if lines else "probe VM ready")
+        if settings.mirror.enabled:
+            from_vm = _mirror_from_vm(settings, job)
     except Exception as exc:  # an unexpected error is a failed check too, never a crash of doctor
         detail = f"probe VM failed after {time.monotonic() - started:.0f} s: {describe(exc)}"
     finally:
@@ -365,4 +373,31 @@ def _boot_probe(settings: Settings) -> Check:
             cleanup(settings, job)
         except ExecutorError as exc:
             ok, detail = False, f"{detail}; and its cleanup failed: {exc}"
-    return Check("boot", ok, detail, "" if ok else "run with --debug; see the console log tail above")
+    boot = Check("boot", ok, detail, "" if ok else "run with --debug; see the console log tail above")
+    return [boot] if from_vm is None else [boot, from_vm]
+
+
+def _mirror_from_vm(settings: Settings, job: Job) -> Check:
+    """GET /v2/ of the mirror from the probe VM, the way its dockerd reaches it (bash's
+    /dev/tcp: no HTTP client is needed in the image)."""
+    address, port = str(settings.gateway), settings.mirror.port
+    script = f"exec 3<>/dev/tcp/{address}/{port} || exit 3\nprintf 'GET /v2/ HTTP/1.0\\r\\n\\r\\n' >&3\nhead -n 1 <&3\n"
+    output = io.BytesIO()
+    with tempfile.TemporaryDirectory(prefix="lvx-doctor-") as tmp:
+        path = Path(tmp, "probe.sh")
+        path.write_text(script)
+        try:
+            run(settings, job, str(path), "build_script", stdout=output, stderr=output)
+        except ExecutorError as exc:
+            answer = output.getvalue().decode("utf-8", "replace").strip()
+            return Check(
+                "mirror from VM",
+                False,
+                f"the probe VM cannot reach {address}:{port}: {describe(exc)} {answer}".strip(),
+                f"mirror.port {port} must be open in the network policy (libvirt-executor setup) and the mirror running",
+            )
+    status = output.getvalue().decode("utf-8", "replace").strip().splitlines()
+    first = status[-1] if status else ""
+    if " 200 " in first or " 401 " in first:
+        return Check("mirror from VM", True, f"a job VM gets {first!r} from http://{address}:{port}/v2/")
+    return Check("mirror from VM", False, f"http://{address}:{port}/v2/ answered {first!r} in the probe VM", "")

@@ -141,6 +141,20 @@ def test_job_1_pulls_a_docker_hub_name_through_the_mirror(mirror_config, tmp_pat
     assert status["manifest_misses"] >= 1  # it came from the upstream, through the cache
 
 
+def test_doctor_checks_the_mirror_from_the_host_and_from_a_probe_vm(mirror_config, host_settings, leftovers):
+    config, _ = mirror_config
+    lines = cli(config, "doctor", "--boot", check=False).stdout.splitlines()
+    names = ("registry mirror", "mirror listen", "mirror upstream", "boot", "mirror from VM")
+    status = {name: line for name in names for line in lines if line[6:].startswith(name + " ")}
+    url = f"http://{host_settings.gateway}:{MIRROR_PORT}"
+    assert status["registry mirror"].startswith(f"ok    registry mirror {url} answers"), lines
+    assert status["mirror listen"].startswith("ok"), lines
+    assert status["mirror upstream"].startswith("ok"), lines
+    assert status["boot"].startswith("ok"), lines
+    assert status["mirror from VM"].startswith(f"ok    mirror from VM a job VM gets 'HTTP/1.0 200 OK' from {url}/v2/"), lines
+    assert leftovers(config) == {}
+
+
 def test_job_2_is_served_from_the_cache_with_the_upstream_gone_and_cannot_push(
     mirror_config, upstream, tmp_path, host_settings, leftovers
 ):

@@ -270,7 +270,7 @@ def test_boot_probe_reports_an_unexpected_prepare_error_and_a_failed_cleanup(tmp
 
     monkeypatch.setattr(doctor_module, "prepare", prepare)
     monkeypatch.setattr(doctor_module, "cleanup", cleanup)
-    check = doctor_module._boot_probe(tmp_settings)
+    (check,) = doctor_module._boot_probe(tmp_settings)
     assert check.name == "boot" and check.ok is False
     assert "unexpected RuntimeError: disk on fire" in check.detail
     assert "its cleanup failed: cleanup of lvx-job-1 incomplete" in check.detail
@@ -280,7 +280,7 @@ def test_boot_probe_passes_with_prepare_s_timings_line(tmp_settings, monkeypatch
     cleaned = []
     monkeypatch.setattr(doctor_module, "prepare", lambda settings, job, out: out("lvx-job-1 ready at 10.0.0.9"))
     monkeypatch.setattr(doctor_module, "cleanup", lambda settings, job: cleaned.append(job.job_id))
-    check = doctor_module._boot_probe(tmp_settings)
+    (check,) = doctor_module._boot_probe(tmp_settings)  # the mirror is off in tmp_settings
     assert check.ok is True and check.detail == "lvx-job-1 ready at 10.0.0.9"
     assert cleaned and cleaned[0] >= doctor_module.PROBE_JOB_ID_BASE
 

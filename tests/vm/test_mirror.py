@@ -151,7 +151,9 @@ def test_doctor_checks_the_mirror_from_the_host_and_from_a_probe_vm(mirror_confi
     assert status["mirror listen"].startswith("ok"), lines
     assert status["mirror upstream"].startswith("ok"), lines
     assert status["boot"].startswith("ok"), lines
-    assert status["mirror from VM"].startswith(f"ok    mirror from VM a job VM gets 'HTTP/1.0 200 OK' from {url}/v2/"), lines
+    assert status["mirror from VM"].startswith(
+        f"ok    mirror from VM a job VM gets 'HTTP/1.0 200 OK' from {url}/v2/"
+    ), lines
     assert leftovers(config) == {}
 
 

@@ -232,6 +232,40 @@ def doctor_cmd(obj: _Context, boot: bool) -> None:
         raise errors.ConfigError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
 
 
+@cli.command("env")
+@click.argument("job_id", type=click.IntRange(min=1))
+@click.pass_obj
+def env_cmd(obj: _Context, job_id: int) -> None:
+    """Print DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH for a running job's dockerd
+    (eval "$(libvirt-executor env JOB_ID)"), like docker-machine env. Root only."""
+    from executor.admin.access import docker_env
+
+    for line in docker_env(obj.settings, job_id):
+        click.echo(line)
+
+
+@cli.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("job_id", type=click.IntRange(min=1))
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def ssh_cmd(obj: _Context, job_id: int, command: tuple[str, ...]) -> None:
+    """A shell in a running job's VM as the job user (or COMMAND, joined with spaces as ssh
+    does), with the job's key and its pinned host key, like docker-machine ssh. Root only.
+    Exits with the command's status."""
+    from executor.admin.access import ssh_session
+
+    status = ssh_session(
+        obj.settings,
+        job_id,
+        " ".join(command) if command else None,
+        sys.stdin.fileno(),
+        sys.stdout.buffer,
+        sys.stderr.buffer,
+    )
+    if status:
+        raise click.exceptions.Exit(status)
+
+
 @cli.group("mirror")
 def mirror_group() -> None:
     """The registry mirror: a pull-through cache on this host for every job VM's dockerd."""
@@ -302,8 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and exit with a code gitlab-runner understands."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        cli.main(args=args, prog_name="libvirt-executor", standalone_mode=False)
-        code = 0
+        # Without standalone mode click returns an Exit's code (`ssh`'s remote status) instead
+        # of raising it.
+        returned = cli.main(args=args, prog_name="libvirt-executor", standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
     except click.exceptions.Exit as exc:  # --help, --version
         code = exc.exit_code
     except click.ClickException as exc:  # usage errors: our caller is misconfigured

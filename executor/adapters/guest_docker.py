@@ -87,6 +87,8 @@ class ContainerSpec:
     binds: tuple[str, ...] = ()  # "host:container[:mode]", host paths in the VM
     user: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, IPv4 address) for /etc/hosts
+    privileged: bool = False
 
 
 def _daemon_error(what: str, exc: Exception) -> SystemFailure:
@@ -188,11 +190,29 @@ class GuestDocker:
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise _daemon_error(f"creating network {name}", exc) from None
 
+    def network_gateway(self, name: str) -> str | None:
+        """The IPv4 gateway of a network the daemon made: the VM itself as its containers see it
+        (what the VM's daemon says: the caller checks it is an address)."""
+        try:
+            configs = self._api.inspect_network(name).get("IPAM", {}).get("Config") or []
+        except (docker.errors.APIError, requests.exceptions.RequestException, AttributeError) as exc:
+            raise _daemon_error(f"inspecting network {name}", exc) from None
+        for config in configs:
+            gateway = config.get("Gateway") if isinstance(config, dict) else None
+            if isinstance(gateway, str) and "." in gateway:
+                return gateway
+        return None
+
     def run_container(self, spec: ContainerSpec) -> str:
         """Create and start a container; its id."""
         api = self._api
         try:
-            host_config = api.create_host_config(binds=list(spec.binds), network_mode=spec.network)
+            host_config = api.create_host_config(
+                binds=list(spec.binds),
+                network_mode=spec.network,
+                extra_hosts=dict(spec.extra_hosts) or None,
+                privileged=spec.privileged,
+            )
             networking = api.create_networking_config(
                 {spec.network: api.create_endpoint_config(aliases=list(spec.aliases))}  # type: ignore[arg-type]  # the stub is wrong: it takes {network: endpoint}
             )

@@ -10,11 +10,15 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import select
+import shutil
+import termios
 import time
+import tty
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import paramiko
 
@@ -195,6 +199,50 @@ class GuestSSH:
             raise SystemFailure(f"ssh connection to the VM was lost: {exc}") from None
         finally:
             chan.close()
+
+    def session(self, command: str | None, stdin: int, stdout: BinaryIO, stderr: BinaryIO) -> int:
+        """An operator's session (`libvirt-executor ssh`): `command`, or a login shell when None,
+        with a terminal when `stdin` is one (raw mode while it runs), input passed on until EOF,
+        output copied live. Its exit status (255 if it reported none)."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SystemFailure("ssh connection to the VM is closed")
+        terminal = os.isatty(stdin)
+        saved = termios.tcgetattr(stdin) if terminal else None
+        try:
+            chan = transport.open_session(timeout=30)
+            if terminal:
+                size = shutil.get_terminal_size()
+                chan.get_pty(term=os.environ.get("TERM", "vt100"), width=size.columns, height=size.lines)
+                tty.setraw(stdin)
+            if command is None:
+                chan.invoke_shell()
+            else:
+                chan.exec_command(command)
+            reading = True
+            while True:
+                watched: list[Any] = [chan, stdin] if reading else [chan]
+                ready, _, _ = select.select(watched, [], [], 0.5)
+                while chan.recv_ready():
+                    stdout.write(chan.recv(_CHUNK))
+                    stdout.flush()
+                while chan.recv_stderr_ready():
+                    stderr.write(chan.recv_stderr(_CHUNK))
+                    stderr.flush()
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    return chan.recv_exit_status() if chan.recv_exit_status() >= 0 else 255
+                if stdin in ready:
+                    data = os.read(stdin, _CHUNK)
+                    if data:
+                        chan.sendall(data)
+                    else:
+                        chan.shutdown_write()
+                        reading = False
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise SystemFailure(f"ssh connection to the VM was lost: {exc}") from None
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
 def _drain(chan: paramiko.Channel, out: bytearray, err: bytearray) -> None:

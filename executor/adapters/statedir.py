@@ -6,7 +6,8 @@ keyed by the VM name:
     <state_dir>/locks/<vm>.lock     flock held by prepare for its whole run (and by cleanup)
     <state_dir>/leases/<ip>         an IP reservation; the file holds the VM name
     <state_dir>/jobs/<vm>/client_key  the job's SSH client key (0600), for `run`
-    <state_dir>/jobs/<vm>/docker-{ca,cert,key}.pem  the executor's TLS client for the VM's dockerd
+    <state_dir>/jobs/<vm>/docker/{ca,cert,key}.pem  the executor's TLS client for the VM's dockerd
+                                    (the docker CLI's names: DOCKER_CERT_PATH for `env`)
     <state_dir>/alloc.lock          serialises IP allocation between concurrent prepares
 
 A lock that is held means "a stage is working on this VM right now": reap never touches it.
@@ -30,7 +31,8 @@ from executor.core.waiting import Deadline, poll
 from executor.errors import SystemFailure
 
 CLIENT_KEY = "client_key"
-DOCKER_CA, DOCKER_CERT, DOCKER_KEY = "docker-ca.pem", "docker-cert.pem", "docker-key.pem"
+DOCKER_DIR = "docker"
+DOCKER_CA, DOCKER_CERT, DOCKER_KEY = f"{DOCKER_DIR}/ca.pem", f"{DOCKER_DIR}/cert.pem", f"{DOCKER_DIR}/key.pem"
 
 
 class StateDir:
@@ -195,10 +197,10 @@ class StateDir:
     def _write_private(self, vm: str, name: str, text: str) -> Path:
         """A 0600 file in the job's 0700 directory."""
         self.ensure()  # mkdir(parents=True) alone would make the state dirs 0755
-        d = self.job_dir(vm)
-        d.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-        path = d / name
+        path = self.job_dir(vm) / name
+        for d in (self.job_dir(vm), path.parent):
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
         with os.fdopen(fd, "w") as f:
@@ -217,6 +219,12 @@ class StateDir:
         if not all(os.path.isfile(p) for p in paths):
             raise SystemFailure(f"no Docker client certificate for {vm}: was prepare run for this job?")
         return paths[0], paths[1], paths[2]
+
+    def docker_cert_dir(self, vm: str) -> str:
+        """The directory of the job's Docker client files, named as the docker CLI wants them
+        (DOCKER_CERT_PATH); SystemFailure if they are missing."""
+        self.docker_client_files(vm)
+        return str(self.job_dir(vm) / DOCKER_DIR)
 
     def read_client_key(self, vm: str) -> str:
         try:

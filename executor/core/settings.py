@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from executor.core.dind import DEFAULT_DIND_IMAGES, DIND_MODES
 from executor.core.imagerecipe import BUILDS_DIR, CACHE_DIR, JOB_USER
 from executor.core.images import PULL_POLICIES, ImageSpecError, parse_reference
 from executor.core.naming import USER_NAME
@@ -93,6 +94,9 @@ class DockerSettings:
     wait_for_services_timeout: int = 30  # seconds; 0 = 30, negative = do not wait
     services_limit: int = -1  # at most this many services per job; negative = no limit
     volumes: tuple[str, ...] = ()  # extra binds for the build container: "/vm/path:/container/path[:ro]"
+    # docker:dind services (core.dind): served by the VM's own dockerd, or run privileged in the VM
+    dind: str = "vm-daemon"
+    dind_images: tuple[str, ...] = DEFAULT_DIND_IMAGES
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,8 @@ def _check_docker(d: DockerSettings, problems: list[str]) -> None:
                 problems.append(f"{key}: {policy!r} is not one of {', '.join(PULL_POLICIES)}")
     if not d.pull_policy:
         problems.append("docker.pull_policy: must name at least one policy")
+    if d.dind not in DIND_MODES:
+        problems.append(f"docker.dind: must be {' or '.join(repr(m) for m in DIND_MODES)}, got {d.dind!r}")
     if d.default_image:
         try:
             parse_reference(d.default_image)

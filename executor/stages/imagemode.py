@@ -9,13 +9,15 @@ pull request over TLS: never a file, an argv or a log line.
 from __future__ import annotations
 
 import concurrent.futures
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from executor.adapters.guest_docker import ContainerSpec, GuestDocker, PullFailed, PullProgress
 from executor.adapters.guest_ssh import GuestSSH
-from executor.core import images
+from executor.adapters.keys import generate_docker_tls
+from executor.core import dind, images
 from executor.core.images import ImageSpec, ServiceSpec
 from executor.core.jobenv import Job, RegistryCredentials
 from executor.core.settings import Settings
@@ -52,6 +54,7 @@ class Plan:
     image: ImageSpec
     services: tuple[ServiceSpec, ...]
     aliases: tuple[tuple[str, ...], ...]
+    dind: tuple[dind.DindService, ...] = ()
 
 
 def check(settings: Settings, job: Job) -> Plan | None:
@@ -79,7 +82,11 @@ def check(settings: Settings, job: Job) -> Plan | None:
             f"the job has {len(job.containers.services)} services, more than services_limit {d.services_limit}"
         )
     aliases, _ = images.service_aliases(job.containers.services)
-    return Plan(image, job.containers.services, tuple(aliases))
+    try:
+        daemons = dind.dind_services(job.containers.services, aliases, d.dind_images, job.public_variables)
+    except dind.DindError as exc:
+        raise JobRefused(str(exc)) from None
+    return Plan(image, job.containers.services, tuple(aliases), tuple(daemons))
 
 
 def start(
@@ -90,23 +97,42 @@ def start(
     ssh: GuestSSH,
     vm: str,
     credentials: RegistryCredentials,
+    lifetime_s: float,
     out: Callable[[str], None],
 ) -> None:
-    """Pull, start the services and wait for them, start the build container."""
+    """Pull, start the services (dind ones as `docker.dind` says) and wait for them, start the
+    build container."""
     _, warnings = images.service_aliases(plan.services)
     for warning in warnings:
         out(f"WARNING: {warning}")
+    privileged = settings.docker.dind == "privileged"
+    served = () if privileged else plan.dind  # by the VM's own dockerd: never started
+    skipped = {d.index for d in served}
     _pull(settings, docker, plan.image.name, plan.image.pull_policies, credentials, out)
-    for service in plan.services:
-        _pull(settings, docker, service.name, service.pull_policies, credentials, out)
+    for index, service in enumerate(plan.services):
+        if index not in skipped:
+            _pull(settings, docker, service.name, service.pull_policies, credentials, out)
     network = network_name(vm)
     docker.create_network(network, {LABEL: vm})
+    hosts: dict[str, str] = {}
+    if served:
+        hosts = _serve_dind(job, served, docker, ssh, vm, network, lifetime_s, out)
+    daemons = {d.index: d for d in plan.dind} if privileged else {}
+    started = []
     for index, (service, aliases) in enumerate(zip(plan.services, plan.aliases, strict=True)):
-        name = f"{vm}-svc-{index}"
-        out(f"Starting service {service.name} as {', '.join(aliases)} ...")
+        if index in skipped:
+            continue
+        daemon = daemons.get(index)
+        if daemon is not None:
+            out(
+                f"Starting service {service.name} as {', '.join(aliases)}: a privileged container with its own "
+                f'dockerd in the VM (docker.dind = "privileged")'
+            )
+        else:
+            out(f"Starting service {service.name} as {', '.join(aliases)} ...")
         docker.run_container(
             ContainerSpec(
-                name=name,
+                name=service_container_name(vm, index),
                 image=service.name,
                 network=network,
                 aliases=aliases,
@@ -114,11 +140,79 @@ def start(
                 entrypoint=service.entrypoint,
                 command=service.command,
                 labels=((LABEL, vm),),
+                extra_hosts=tuple(hosts.items()),
+                privileged=daemon is not None,
+                binds=(f"{dind_volume(vm)}:{daemon.certdir}/client",) if daemon and daemon.certdir else (),
             )
         )
-    if plan.services and settings.docker.wait_for_services_timeout >= 0:
-        _wait_for_services(settings, plan, docker, ssh, vm, out)
-    _start_build_container(settings, job, plan.image, docker, vm, network)
+        started.append((index, service))
+    if started and settings.docker.wait_for_services_timeout >= 0:
+        _wait_for_services(settings, started, docker, ssh, vm, out)
+    if served:
+        cert_binds = tuple(f"{dind.DIR_IN_VM}/client:{d}/client:ro" for d in dind.certdirs(served))
+    else:
+        cert_binds = tuple(f"{dind_volume(vm)}:{d}/client" for d in dind.certdirs(plan.dind))
+    _start_build_container(settings, job, plan.image, docker, vm, network, tuple(hosts.items()), cert_binds)
+
+
+def service_container_name(vm: str, index: int) -> str:
+    return f"{vm}-svc-{index}"
+
+
+def dind_volume(vm: str) -> str:
+    """The volume that shares a privileged dind's `$DOCKER_TLS_CERTDIR/client` with the build
+    container (GitLab's documented `volumes = ["/certs/client"]`)."""
+    return f"{vm}-dind-certs"
+
+
+def _serve_dind(
+    job: Job,
+    served: Sequence[dind.DindService],
+    docker: GuestDocker,
+    ssh: GuestSSH,
+    vm: str,
+    network: str,
+    lifetime_s: float,
+    out: Callable[[str], None],
+) -> dict[str, str]:
+    """Point the dind services' aliases at the VM's own dockerd: proxies on the job network's
+    gateway, 2375 plain and, for a job with DOCKER_TLS_CERTDIR, 2376 with per-job mutual TLS
+    (certificates laid out as the dind image does). The /etc/hosts entries for every container."""
+    gateway = docker.network_gateway(network)
+    try:
+        hosts = dind.host_entries(served, gateway or "")
+    except ValueError:
+        raise SystemFailure(f"the VM's dockerd gave network {network} no IPv4 gateway ({gateway!r})") from None
+    address = next(iter(hosts.values()))
+    tls = bool(dind.certdirs(served))
+    if tls:
+        material = generate_docker_tls(f"{vm}-dind", (address,), dind.tls_names(served), lifetime_s)
+        archive = dind.cert_archive(
+            material.ca_cert, material.server_cert, material.server_key, material.client_cert, material.client_key
+        )
+        unpack = f"umask 022; rm -rf {dind.DIR_IN_VM} && mkdir -p {dind.DIR_IN_VM} && tar -xf - -C {dind.DIR_IN_VM}"
+        _vm_command(ssh, f"sudo -n sh -c {shlex.quote(unpack)}", "unpacking the dind certificates", stdin=archive)
+    for argv in dind.proxy_commands(address, tls):
+        _vm_command(ssh, f"sudo -n setsid -f {shlex.join(argv)} </dev/null >/dev/null 2>&1", "starting a dind proxy")
+    ports = (dind.PLAIN_PORT, dind.TLS_PORT) if tls else (dind.PLAIN_PORT,)
+    probe = " && ".join(f"timeout 1 bash -c 'exec 3<>/dev/tcp/{address}/{p}' 2>/dev/null" for p in ports)
+    ready = f"for i in $(seq 50); do {{ {probe}; }} && exit 0; sleep 0.2; done; exit 1"
+    _vm_command(ssh, ready, "waiting for the dind proxies")
+    for service in served:
+        endpoints = f"tcp://{service.aliases[0]}:{dind.PLAIN_PORT}"
+        if service.certdir:
+            endpoints += f" and tcp://{service.aliases[0]}:{dind.TLS_PORT} (TLS, client certificates in {service.certdir}/client)"
+        out(
+            f"Service {service.name} as {', '.join(service.aliases)}: served by this job's own dockerd in the VM "
+            f'(docker.dind = "vm-daemon"): {endpoints}; no privileged container, no nested daemon'
+        )
+    return hosts
+
+
+def _vm_command(ssh: GuestSSH, command: str, what: str, stdin: bytes = b"") -> None:
+    result = ssh.capture(command, timeout=30, stdin=stdin)
+    if result.rc != 0:
+        raise SystemFailure(f"{what} in the VM failed (exit {result.rc}): {result.stderr.strip()[-500:]}")
 
 
 def _merged(*lists: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -178,7 +272,12 @@ class _ProgressLines:
 
 
 def _wait_for_services(
-    settings: Settings, plan: Plan, docker: GuestDocker, ssh: GuestSSH, vm: str, out: Callable[[str], None]
+    settings: Settings,
+    services: Sequence[tuple[int, ServiceSpec]],
+    docker: GuestDocker,
+    ssh: GuestSSH,
+    vm: str,
+    out: Callable[[str], None],
 ) -> None:
     """GitLab's wait: HEALTHCHECK_TCP_PORT or the exposed TCP ports, dialled from the VM every
     second until one answers; on timeout a warning with the service's last log lines."""
@@ -186,7 +285,7 @@ def _wait_for_services(
     network = network_name(vm)
 
     def wait(index: int, service: ServiceSpec) -> str | None:
-        name = f"{vm}-svc-{index}"
+        name = service_container_name(vm, index)
         ports = [int(v) for k, v in service.variables if k.upper() == "HEALTHCHECK_TCP_PORT" and v.isdigit()]
         ports = ports or docker.exposed_tcp_ports(service.name)
         address = docker.container_address(name, network)
@@ -201,8 +300,8 @@ def _wait_for_services(
             pass
         return _warning(service, docker.logs_tail(name))
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(plan.services))) as pool:
-        results = list(pool.map(lambda pair: wait(*pair), enumerate(plan.services)))
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(services))) as pool:
+        results = list(pool.map(lambda pair: wait(*pair), services))
     for warning in results:
         if warning:
             out(warning)
@@ -214,7 +313,14 @@ def _warning(service: ServiceSpec, logs: str) -> str:
 
 
 def _start_build_container(
-    settings: Settings, job: Job, image: ImageSpec, docker: GuestDocker, vm: str, network: str
+    settings: Settings,
+    job: Job,
+    image: ImageSpec,
+    docker: GuestDocker,
+    vm: str,
+    network: str,
+    extra_hosts: tuple[tuple[str, str], ...],
+    cert_binds: tuple[str, ...],
 ) -> None:
     name = build_container_name(vm)
     binds = (
@@ -222,6 +328,7 @@ def _start_build_container(
         f"{settings.vm.cache_dir}:{settings.vm.cache_dir}",
         f"{DOCKER_SOCKET}:{DOCKER_SOCKET}",
         f"{SCRIPTS_DIR_IN_VM}:{SCRIPTS_DIR}",
+        *cert_binds,
         *settings.docker.volumes,
     )
     docker.run_container(
@@ -236,6 +343,7 @@ def _start_build_container(
             binds=binds,
             user=image.user,
             labels=((LABEL, vm),),
+            extra_hosts=extra_hosts,
         )
     )
     # An entrypoint that does not exec its arguments ends the container at once.

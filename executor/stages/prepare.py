@@ -94,7 +94,9 @@ def prepare(
                 with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
                     with _wait_for_docker(hv, settings, state, vm, ip, timings) as docker:
                         if plan is not None:
-                            imagemode.start(settings, job, plan, docker, ssh, vm, credentials(), out)
+                            imagemode.start(
+                                settings, job, plan, docker, ssh, vm, credentials(), _lifetime(settings, job), out
+                            )
                             timings.mark("containers")
         except BaseException as exc:
             _roll_back(settings, state, vm, exc)

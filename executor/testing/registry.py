@@ -21,7 +21,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,11 @@ APPLETS = (
     "stat",
     "chmod",
     "pgrep",
+    "xargs",
+    "sed",
+    "cut",
+    "printf",
+    "cp",
 )
 
 
@@ -68,7 +73,8 @@ def busybox_files(extra: Mapping[str, bytes] | None = None) -> dict[str, tuple[b
         "etc/group": (b"root:x:0:\nnogroup:x:65534:\n", 0o644),
     }
     for name, content in (extra or {}).items():
-        executable = name.startswith(("bin/", "usr/bin/", "usr/local/bin/")) or ".so" in name  # the loader too
+        # the loader and the libraries too
+        executable = name.startswith(("bin/", "usr/bin/", "usr/sbin/", "usr/local/bin/")) or ".so" in name
         files[name] = (content, 0o755 if executable else 0o644)
     return files
 
@@ -82,6 +88,7 @@ def image_layout(
     cmd: list[str] | None = None,
     env: list[str] | None = None,
     exposed_ports: list[int] | None = None,
+    volumes: list[str] | None = None,
 ) -> Path:
     """An OCI image layout in `directory` with one gzip'd layer of `files` (path -> (content,
     mode)) and `symlinks`; busybox applets are linked to /bin/busybox when it is there."""
@@ -116,6 +123,7 @@ def image_layout(
             "Entrypoint": entrypoint,
             "Cmd": cmd,
             "ExposedPorts": {f"{p}/tcp": {} for p in exposed_ports or []},
+            "Volumes": {v: {} for v in volumes or []},
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
@@ -148,24 +156,103 @@ def image_layout(
     return directory
 
 
-def docker_cli_files(workdir: Path) -> dict[str, bytes]:
-    """The host's Debian docker CLI (from the docker.io package, downloaded with apt) and the
-    libraries its loader needs, laid out for an image."""
+def debian_binaries(workdir: Path, binaries: Mapping[str, Sequence[str]]) -> dict[str, bytes]:
+    """Binaries from this host's Debian packages (package -> paths in it; downloaded with apt)
+    and the libraries their loader needs, as image files (path -> content)."""
     debs = workdir / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob("docker.io_*.deb")):
-        subprocess.run(["apt-get", "download", "-q", "docker.io"], cwd=debs, check=True, capture_output=True)
-    deb = next(debs.glob("docker.io_*.deb"))
     tree = workdir / "tree"
     tree.mkdir(exist_ok=True)
-    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree), "./usr/bin/docker"], input=tar, check=True)
-    binary = tree / "usr/bin/docker"
-    files = {"usr/bin/docker": binary.read_bytes()}
-    ldd = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
-    for path in re.findall(r"(/\S+\.so[.\d]*)", ldd):
-        files[path.lstrip("/")] = Path(path).read_bytes()
+    files: dict[str, bytes] = {}
+    for package, paths in binaries.items():
+        if not list(debs.glob(f"{package}_*.deb")):
+            subprocess.run(["apt-get", "download", "-q", package], cwd=debs, check=True, capture_output=True)
+        deb = next(debs.glob(f"{package}_*.deb"))
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree), *(f"./{p}" for p in paths)], input=tar, check=True)
+        for path in paths:
+            binary = tree / path
+            files[path] = binary.read_bytes()
+            ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout  # static: no libs
+            for lib in re.findall(r"(/\S+\.so[.\d]*)", ldd):
+                files[lib.lstrip("/")] = Path(lib).read_bytes()
     return files
+
+
+def docker_cli_files(workdir: Path) -> dict[str, bytes]:
+    """The host's Debian docker CLI (from the docker.io package) and its libraries."""
+    return debian_binaries(workdir, {"docker.io": ["usr/bin/docker"]})
+
+
+# Stand-in for the docker:dind image's dockerd-entrypoint.sh (there is no Docker Hub here): the
+# same certificate layout under $DOCKER_TLS_CERTDIR and the same ports, moby's cgroup v2 nesting
+# step, Debian's dockerd without iptables (not in this image; no NAT is needed by the tests).
+DIND_ENTRYPOINT = """#!/bin/sh
+set -e
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+  mkdir -p /sys/fs/cgroup/init
+  xargs -rn1 < /sys/fs/cgroup/cgroup.procs > /sys/fs/cgroup/init/cgroup.procs || :
+  sed -e 's/ / +/g' -e 's/^/+/' < /sys/fs/cgroup/cgroup.controllers > /sys/fs/cgroup/cgroup.subtree_control
+fi
+mkdir -p /run /var/lib/docker
+if [ -z "$DOCKER_TLS_CERTDIR" ]; then
+  exec dockerd --host=tcp://0.0.0.0:2375 --iptables=false "$@"
+fi
+d=$DOCKER_TLS_CERTDIR
+mkdir -p "$d/ca" "$d/server" "$d/client"
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
+key "$d/ca/key.pem"
+openssl req -new -x509 -days 825 -key "$d/ca/key.pem" -out "$d/ca/cert.pem" -subj "/CN=docker:dind CA"
+sign() {  # $1 dir, $2 subject, $3 extensions
+  key "$d/$1/key.pem"
+  openssl req -new -key "$d/$1/key.pem" -out "$d/$1/csr.pem" -subj "$2"
+  printf '[x]\n%s\n' "$3" > "$d/$1/openssl.cnf"
+  openssl x509 -req -days 825 -in "$d/$1/csr.pem" -CA "$d/ca/cert.pem" -CAkey "$d/ca/key.pem" \
+    -CAcreateserial -out "$d/$1/cert.pem" -extfile "$d/$1/openssl.cnf" -extensions x
+  cp "$d/ca/cert.pem" "$d/$1/ca.pem"
+}
+ip=$(hostname -i | cut -d' ' -f1)
+sign server "/CN=docker:dind server" \
+  "subjectAltName = DNS:docker, DNS:localhost, DNS:$(hostname), IP:127.0.0.1, IP:$ip"
+sign client "/CN=docker:dind client" "extendedKeyUsage = clientAuth"
+chmod -R a+rX "$d/client"
+exec dockerd --host=tcp://0.0.0.0:2376 --tlsverify --tlscacert "$d/server/ca.pem" \
+  --tlscert "$d/server/cert.pem" --tlskey "$d/server/key.pem" --iptables=false "$@"
+"""
+
+
+def dind_image(directory: Path, workdir: Path) -> Path:
+    """A stand-in for docker:dind: Debian's dockerd, containerd and runc, openssl for the
+    certificates, static busybox for the entrypoint's shell; /var/lib/docker a volume."""
+    files = busybox_files(
+        {
+            **debian_binaries(
+                workdir,
+                {
+                    "docker.io": ["usr/sbin/dockerd", "usr/sbin/docker-proxy"],
+                    "containerd": ["usr/bin/containerd", "usr/bin/containerd-shim-runc-v2"],
+                    "runc": ["usr/sbin/runc"],
+                    "tini": ["usr/bin/tini-static"],
+                },
+            ),
+            "usr/bin/openssl": Path("/usr/bin/openssl").read_bytes(),
+            "usr/lib/ssl/openssl.cnf": Path("/usr/lib/ssl/openssl.cnf").read_bytes(),
+            "usr/local/bin/dockerd-entrypoint.sh": DIND_ENTRYPOINT.encode(),
+        }
+    )
+    for lib in re.findall(
+        r"(/\S+\.so[.\d]*)", subprocess.run(["ldd", "/usr/bin/openssl"], capture_output=True, text=True).stdout
+    ):
+        files[lib.lstrip("/")] = (Path(lib).read_bytes(), 0o755)
+    return image_layout(
+        directory,
+        files,
+        symlinks={"usr/bin/docker-init": "tini-static", "var/run": "../run"},
+        entrypoint=["dockerd-entrypoint.sh"],
+        env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "DOCKER_TLS_CERTDIR=/certs"],
+        exposed_ports=[2375, 2376],
+        volumes=["/var/lib/docker"],
+    )
 
 
 @dataclass

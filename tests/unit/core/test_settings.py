@@ -106,6 +106,7 @@ def test_network_and_gateway_come_from_the_subnet():
         ('[docker]\nregistry_mirrors = ["http://a b"]', "docker.registry_mirrors", "http(s) URL"),
         ('[docker]\nregistry_mirrors = ["http://m/\\"x"]', "docker.registry_mirrors", "http(s) URL"),
         ('[docker]\ninsecure_registries = ["a b"]', "docker.insecure_registries", "host[:port]"),
+        ('[docker]\ndind = "nested"', "docker.dind", "must be 'vm-daemon' or 'privileged'"),
         # wrong types
         ('[vm]\nvcpus = "2"', "vm.vcpus", "expected an integer"),
         ("[vm]\nvcpus = 2.5", "vm.vcpus", "expected an integer"),

@@ -209,6 +209,7 @@ class GuestSSH:
             raise SystemFailure("ssh connection to the VM is closed")
         terminal = os.isatty(stdin)
         saved = termios.tcgetattr(stdin) if terminal else None
+        chan: paramiko.Channel | None = None
         try:
             chan = transport.open_session(timeout=30)
             if terminal:
@@ -241,6 +242,8 @@ class GuestSSH:
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise SystemFailure(f"ssh connection to the VM was lost: {exc}") from None
         finally:
+            if chan is not None:
+                chan.close()
             if saved is not None:
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 

@@ -1,5 +1,6 @@
 """Image mode, set up at the end of prepare: pull the job's image and services, start the
 services on a per-job network with GitLab's aliases, wait for them, start the build container.
+A `docker:dind` service is served by the VM's own dockerd, or run privileged (core.dind).
 
 A refused or missing image is the job's fault (JobRefused: a build failure with the reason);
 a daemon that fails is a system failure. Registry credentials reach the daemon only inside the
@@ -116,7 +117,7 @@ def start(
     docker.create_network(network, {LABEL: vm})
     hosts: dict[str, str] = {}
     if served:
-        hosts = _serve_dind(job, served, docker, ssh, vm, network, lifetime_s, out)
+        hosts = _serve_dind(served, docker, ssh, vm, network, lifetime_s, out)
     daemons = {d.index: d for d in plan.dind} if privileged else {}
     started = []
     for index, (service, aliases) in enumerate(zip(plan.services, plan.aliases, strict=True)):
@@ -166,7 +167,6 @@ def dind_volume(vm: str) -> str:
 
 
 def _serve_dind(
-    job: Job,
     served: Sequence[dind.DindService],
     docker: GuestDocker,
     ssh: GuestSSH,

@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from executor.core.mirror import CachedRepository
+from executor.core.waiting import poll
 from executor.errors import ConfigError, SystemFailure
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 LOG_ROTATE_BYTES = 8 * 1024**2
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0  # a registry that ran this long restarts at once after an exit
+SPAWN_WAIT_S = 15.0  # for a detached supervisor to take its lock
 SYSTEMD_UNIT = "libvirt-executor-mirror.service"
 SYSTEMD_UNIT_PATH = Path("/etc/systemd/system") / SYSTEMD_UNIT
 DEBIAN_UNIT = "docker-registry.service"  # the package's own: Debian's config, on every address
@@ -302,9 +304,7 @@ def supervise(
             + (f" ({why})" if why else "")
             + f"; restarting in {backoff:.0f} s"
         )
-        deadline = time.monotonic() + backoff
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll(lambda: bool(stopping), backoff, interval=0.2, max_interval=0.2)  # a SIGTERM cuts it short
     say(f"stopped ({signal.Signals(stopping[0]).name})")
 
 
@@ -316,15 +316,17 @@ def spawn_supervisor(argv: list[str], mirror: MirrorDir) -> int:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/", close_fds=True
         )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def holds_the_lock() -> int | None:
         pid = mirror.supervisor_pid()
-        if pid is not None:
-            return pid
-        if proc.poll() is not None:
+        if pid is None and proc.poll() is not None:
             raise SystemFailure(f"the mirror supervisor exited with status {proc.returncode}: {mirror.log_tail()}")
-        time.sleep(0.1)
-    raise SystemFailure(f"the mirror supervisor did not start within 15 s: {mirror.log_tail()}")
+        return pid
+
+    pid = poll(holds_the_lock, SPAWN_WAIT_S, interval=0.1, max_interval=0.5)
+    if pid is None:
+        raise SystemFailure(f"the mirror supervisor did not start within {SPAWN_WAIT_S:.0f} s: {mirror.log_tail()}")
+    return pid
 
 
 def stop_supervisor(mirror: MirrorDir, timeout: float = 20) -> int | None:
@@ -336,11 +338,8 @@ def stop_supervisor(mirror: MirrorDir, timeout: float = 20) -> int | None:
     if pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while mirror.supervisor_pid() is not None:
-        if time.monotonic() > deadline:
-            raise SystemFailure(f"the mirror supervisor (pid {pid}) did not stop within {timeout:.0f} s")
-        time.sleep(0.1)
+    if poll(lambda: mirror.supervisor_pid() is None, timeout, interval=0.1, max_interval=0.5) is None:
+        raise SystemFailure(f"the mirror supervisor (pid {pid}) did not stop within {timeout:.0f} s")
     return pid
 
 

@@ -12,7 +12,6 @@ pull from the upstream directly meanwhile.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -21,6 +20,7 @@ from executor.adapters.hostfiles import read_secret
 from executor.adapters.registry_daemon import MirrorDir
 from executor.core import mirror
 from executor.core.settings import GIB, Settings
+from executor.core.waiting import poll
 
 CHECK_EVERY_S = 300.0  # how often the supervisor measures the cache against max_gib
 ANSWER_WAIT_S = 20.0  # how long `mirror start` waits for the registry to answer
@@ -93,6 +93,7 @@ def start(settings: Settings, config_file: str) -> str:
     mdir = mirror_dir(settings)
     pid = mdir.supervisor_pid()
     if pid is None:
+        # `serve` writes it too; here a bad password_file fails this command, not a detached process.
         mdir.ensure(mirror.RUN_AS)
         mdir.write_config(config_text(settings), mirror.RUN_AS)
         argv = [*registry_daemon.this_command(), "--config", os.path.abspath(config_file), "mirror", "serve"]
@@ -103,14 +104,16 @@ def start(settings: Settings, config_file: str) -> str:
 def _answer_summary(settings: Settings) -> str:
     """Wait a little for the registry to answer; say where it answers, or why it does not yet."""
     url = mirror.mirror_url(settings)
-    reason = registry_daemon.probe(url, timeout=2)
-    waited = 0.0
-    while reason is not None and waited < ANSWER_WAIT_S:
-        time.sleep(0.5)
-        waited += 0.5
-        reason = registry_daemon.probe(url, timeout=2)
-    if reason is None:
+    last_problem: list[str] = []
+
+    def answers() -> bool:
+        problem = registry_daemon.probe(url, timeout=2)
+        last_problem[:] = [problem] if problem else []
+        return problem is None
+
+    if poll(answers, ANSWER_WAIT_S, interval=0.5, max_interval=0.5):
         return f"answering at {url}"
+    reason = last_problem[0]
     tail = mirror_dir(settings).log_tail(1, prefix="mirror: ") or mirror_dir(settings).log_tail(1)
     return (
         f"not answering at {url} yet ({reason}); it restarts by itself until its upstream "

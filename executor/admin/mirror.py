@@ -12,6 +12,7 @@ pull from the upstream directly meanwhile.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -37,8 +38,13 @@ def config_text(settings: Settings) -> str:
     return mirror.registry_config(settings, str(mirror_dir(settings).data), password)
 
 
+def _serve_command(config_file: str) -> list[str]:
+    """`mirror serve` with this config, runnable from anywhere (systemd's unit, a detached start)."""
+    return [*registry_daemon.this_command(), "--config", os.path.abspath(config_file), "mirror", "serve"]
+
+
 def unit_text(config_file: str) -> str:
-    argv = " ".join([*registry_daemon.this_command(), "--config", config_file, "mirror", "serve"])
+    argv = shlex.join(_serve_command(config_file))
     return (
         "[Unit]\n"
         "Description=libvirt-executor registry mirror (pull-through cache for job VMs)\n"
@@ -96,8 +102,7 @@ def start(settings: Settings, config_file: str) -> str:
         # `serve` writes it too; here a bad password_file fails this command, not a detached process.
         mdir.ensure(mirror.RUN_AS)
         mdir.write_config(config_text(settings), mirror.RUN_AS)
-        argv = [*registry_daemon.this_command(), "--config", os.path.abspath(config_file), "mirror", "serve"]
-        pid = registry_daemon.spawn_supervisor(argv, mdir)
+        pid = registry_daemon.spawn_supervisor(_serve_command(config_file), mdir)
     return f"supervisor pid {pid}; {_answer_summary(settings)}"
 
 

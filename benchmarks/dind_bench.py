@@ -16,17 +16,17 @@ parts apart. Rounds alternate the modes. Figures, not pass/fail. Run as root on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from benchjob import bench_config, prepared_job  # beside this script
+
 from executor.adapters.hostfiles import load_settings
 from executor.core.dind import DEFAULT_DIND_IMAGES
-from executor.core.settings import MirrorSettings, config_path, settings_toml
+from executor.core.settings import MirrorSettings, config_path
 from executor.testing.registry import busybox_files, dind_image, docker_cli_files, image_layout, running_registry
-from executor.testing.runnersim import RunnerSim
 
 PORT = 5007
 VARIABLES = {
@@ -38,34 +38,8 @@ VARIABLES = {
 FIRST_INFO = "until docker info --format '{{.ServerVersion}}'; do sleep 0.5; done"
 
 
-def bench_config(host_config: str, workdir: Path, registry: str, mode: str) -> Path:
-    host = load_settings(host_config)
-    settings = dataclasses.replace(
-        host,
-        libvirt=dataclasses.replace(host.libvirt, nwfilter="lvx-job"),
-        vm=dataclasses.replace(host.vm, name_prefix="lvxdbench"),
-        paths=dataclasses.replace(host.paths, console_log_dir=str(workdir / "console")),
-        network=dataclasses.replace(host.network, allow_host_ports=(PORT,)),
-        docker=dataclasses.replace(
-            host.docker,
-            insecure_registries=(registry,),
-            dind=mode,
-            dind_images=(*DEFAULT_DIND_IMAGES, "**/bench/docker:*dind*"),
-            wait_for_services_timeout=180,
-        ),
-        mirror=MirrorSettings(enabled=False),  # the same for both modes: nothing comes from Docker Hub
-    )
-    path = workdir / f"config-{mode}.toml"
-    path.write_text(settings_toml(settings))
-    return path
-
-
 def one(config: Path, workdir: Path, job_id: int, payload: dict) -> dict[str, float]:
-    sim = RunnerSim(config, workdir / f"job{job_id}", job_id, payload_extra=payload, variables=VARIABLES)
-    try:
-        prepared = sim.prepare()
-        if prepared.rc != 0:
-            raise SystemExit(f"prepare failed:\n{prepared.describe()}")
+    with prepared_job(config, workdir, job_id, payload, VARIABLES) as (sim, prepared):
         info = sim.run(FIRST_INFO)
         if info.rc != 0:
             raise SystemExit(f"docker info failed:\n{info.describe()}")
@@ -74,8 +48,6 @@ def one(config: Path, workdir: Path, job_id: int, payload: dict) -> dict[str, fl
             "first docker info": info.seconds,
             "total": prepared.seconds + info.seconds,
         }
-    finally:
-        sim.cleanup()
 
 
 def main() -> None:
@@ -95,7 +67,21 @@ def main() -> None:
                 "vm-daemon": {"image": {"name": tools}, "services": [{"name": "docker:27-dind"}]},
                 "privileged": {"image": {"name": tools}, "services": [{"name": dind, "alias": "docker"}]},
             }
-            configs = {mode: bench_config(args.config, root, reg.address, mode) for mode in payloads}
+            configs = {
+                mode: bench_config(
+                    args.config,
+                    root / f"config-{mode}.toml",
+                    "lvxdbench",
+                    reg.address,
+                    docker={
+                        "dind": mode,
+                        "dind_images": (*DEFAULT_DIND_IMAGES, "**/bench/docker:*dind*"),
+                        "wait_for_services_timeout": 180,
+                    },
+                    mirror=MirrorSettings(enabled=False),  # the same for both modes: nothing from Docker Hub
+                )
+                for mode in payloads
+            }
             rows: dict[str, list[dict[str, float]]] = {mode: [] for mode in payloads}
             for n in range(args.rounds):
                 for i, mode in enumerate(payloads):

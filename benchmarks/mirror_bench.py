@@ -19,7 +19,6 @@ not pass/fail. Run as root on a set-up host:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import statistics
@@ -28,31 +27,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchjob import bench_config, prepared_job  # beside this script
+
 from executor.adapters.hostfiles import load_settings
-from executor.core.settings import MirrorSettings, config_path, settings_toml
+from executor.core.settings import MirrorSettings, config_path
 from executor.testing.registry import image_layout, running_registry
-from executor.testing.runnersim import RunnerSim
 
 UPSTREAM_PORT = 5065
 MIRROR_PORT = 5066
 LAYER_BYTES = 50 * 1024**2
 TIMED = re.compile(r"^PULL (?P<what>\w+) (?P<start>[\d.]+) (?P<end>[\d.]+)$", re.M)
-
-
-def bench_config(host_config: str, workdir: Path, upstream: str, storage: Path) -> Path:
-    host = load_settings(host_config)
-    settings = dataclasses.replace(
-        host,
-        libvirt=dataclasses.replace(host.libvirt, nwfilter="lvx-job"),
-        vm=dataclasses.replace(host.vm, name_prefix="lvxmbench"),
-        paths=dataclasses.replace(host.paths, console_log_dir=str(workdir / "console")),
-        network=dataclasses.replace(host.network, allow_host_ports=(UPSTREAM_PORT,)),
-        docker=dataclasses.replace(host.docker, insecure_registries=(upstream,)),
-        mirror=MirrorSettings(port=MIRROR_PORT, upstream=f"http://{upstream}", storage=str(storage)),
-    )
-    path = workdir / "config.toml"
-    path.write_text(settings_toml(settings))
-    return path
 
 
 def timed_pull(what: str, reference: str) -> str:
@@ -78,7 +62,8 @@ def main() -> None:
             layout = image_layout(root / "img", {"big.bin": (os.urandom(LAYER_BYTES), 0o644)})
             upstream.push(layout, "library/bench-big:1", root)
             size = sum(f.stat().st_size for f in (layout / "blobs").rglob("*") if f.is_file())
-            config = bench_config(args.config, root, upstream_address, storage)
+            mirror = MirrorSettings(port=MIRROR_PORT, upstream=f"http://{upstream_address}", storage=str(storage))
+            config = bench_config(args.config, root / "config.toml", "lvxmbench", upstream_address, mirror=mirror)
             cli = [sys.executable, "-m", "executor", "--config", str(config), "mirror"]
             try:
                 print(subprocess.run([*cli, "start"], check=True, capture_output=True, text=True).stdout.strip())
@@ -87,16 +72,10 @@ def main() -> None:
                 for _ in range(args.rounds):
                     script += timed_pull("warm", "bench-big:1")
                     script += timed_pull("direct", f"{upstream_address}/library/bench-big:1")
-                sim = RunnerSim(config, root / "job", 890_001)
-                try:
-                    prepared = sim.prepare()
-                    if prepared.rc != 0:
-                        raise SystemExit(f"prepare failed:\n{prepared.describe()}")
+                with prepared_job(config, root, 890_001) as (sim, _):
                     result = sim.run(script)
                     if result.rc != 0:
                         raise SystemExit(f"the pulls failed:\n{result.describe()}")
-                finally:
-                    sim.cleanup()
             finally:
                 subprocess.run([*cli, "stop"], check=False, capture_output=True)
                 subprocess.run(["rm", "-rf", str(storage)], check=False)

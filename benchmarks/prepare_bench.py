@@ -13,51 +13,28 @@ pass/fail. Run as root on a set-up host:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from benchjob import bench_config, prepared_job  # beside this script
+
 from executor.adapters.hostfiles import load_settings
-from executor.core.settings import config_path, settings_toml
+from executor.core.settings import config_path
 from executor.testing.registry import busybox_files, docker_cli_files, image_layout, running_registry
-from executor.testing.runnersim import RunnerSim
 
 PORT = 5003
 TIMINGS = re.compile(r"(?P<name>[a-z-]+) (?P<seconds>[\d.]+)s")
 
 
-def bench_config(host_config: str, workdir: Path, registry: str) -> Path:
-    """The host config with our prefix and console dir, the policy filter, the registry's port
-    open and the registry allowed over plain HTTP."""
-    host = load_settings(host_config)
-    settings = dataclasses.replace(
-        host,
-        libvirt=dataclasses.replace(host.libvirt, nwfilter="lvx-job"),
-        vm=dataclasses.replace(host.vm, name_prefix="lvxpbench"),
-        paths=dataclasses.replace(host.paths, console_log_dir=str(workdir / "console")),
-        network=dataclasses.replace(host.network, allow_host_ports=(PORT,)),
-        docker=dataclasses.replace(host.docker, insecure_registries=(registry,)),
-    )
-    path = workdir / "config.toml"
-    path.write_text(settings_toml(settings))
-    return path
-
-
 def one(config: Path, workdir: Path, job_id: int, payload: dict | None) -> dict[str, float]:
-    sim = RunnerSim(config, workdir / f"job{job_id}", job_id, payload_extra=payload)
-    try:
-        result = sim.prepare()
-        if result.rc != 0:
-            raise SystemExit(f"prepare failed:\n{result.describe()}")
-        line = next(out for out in result.stdout.splitlines() if "ready at" in out)
+    with prepared_job(config, workdir, job_id, payload) as (_, prepared):
+        line = next(out for out in prepared.stdout.splitlines() if "ready at" in out)
         figures = {m["name"]: float(m["seconds"]) for m in TIMINGS.finditer(line.split("):", 1)[1])}
-        figures["stage"] = result.seconds
+        figures["stage"] = prepared.seconds
         return figures
-    finally:
-        sim.cleanup()
 
 
 def main() -> None:
@@ -72,7 +49,7 @@ def main() -> None:
             layout = image_layout(root / "img", busybox_files(docker_cli_files(root / "cli")))
             image = reg.push(layout, "bench/tools:1", root)
             size = sum(f.stat().st_size for f in (layout / "blobs").rglob("*") if f.is_file())
-            config = bench_config(args.config, root, reg.address)
+            config = bench_config(args.config, root / "config.toml", "lvxpbench", reg.address)
             payload = {
                 "image": {"name": image},
                 "services": [{"name": image, "alias": "svc", "command": ["sleep", "600"]}],

@@ -125,11 +125,19 @@ class GuestSSH:
     def capture(self, command: str, timeout: float, stdin: bytes = b"") -> CommandResult:
         """Run a short command of ours; output is capped, the whole call bounded by `timeout`."""
         chan = self._open_channel(command, timeout)
-        out, err = bytearray(), bytearray()
-        deadline = Deadline(timeout)
         try:
             if stdin:
                 chan.sendall(stdin)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            chan.close()
+            raise SystemFailure(f"ssh: connection lost: {exc}") from None
+        return self._finish(chan, timeout)
+
+    def _finish(self, chan: paramiko.Channel, timeout: float) -> CommandResult:
+        """Close stdin, collect the capped output and the exit status, close the channel."""
+        out, err = bytearray(), bytearray()
+        deadline = Deadline(timeout)
+        try:
             chan.shutdown_write()
             chan.settimeout(0.2)
             while not (chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready()):
@@ -145,6 +153,56 @@ class GuestSSH:
         finally:
             chan.close()
         return CommandResult(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def upload(self, command: str, produce: Callable[[BinaryIO], None], timeout: float) -> CommandResult:
+        """Run `command` with what `produce` writes (to a file-like object) as its stdin, e.g. a
+        tar stream; the whole call bounded by `timeout`, output captured as in `capture`."""
+        chan = self._open_channel(command, timeout)
+        chan.settimeout(timeout)
+        try:
+            sink = io.BufferedWriter(_ChannelWriter(chan), buffer_size=_CHUNK)
+            produce(sink)
+            sink.flush()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            chan.close()
+            raise SystemFailure(f"ssh: connection lost while sending: {exc}") from None
+        return self._finish(chan, timeout)
+
+    def download(self, command: str, dest: BinaryIO, limit: int, timeout: float) -> DownloadResult:
+        """Copy `command`'s stdout into `dest`, at most `limit` bytes: a VM that sends more is
+        cut off (`overflow`), whatever it claimed before."""
+        chan = self._open_channel(command, timeout)
+        received, err = 0, bytearray()
+        deadline = Deadline(timeout)
+        try:
+            chan.shutdown_write()
+            chan.settimeout(0.2)
+            while True:
+                if deadline.expired():
+                    raise SystemFailure(f"ssh: copying from the VM did not finish within {timeout:.0f} s")
+                moved = False
+                if chan.recv_ready():
+                    data = chan.recv(_CHUNK)
+                    received += len(data)
+                    if received > limit:
+                        return DownloadResult(-1, received, True, err.decode("utf-8", "replace"))
+                    dest.write(data)
+                    moved = True
+                if chan.recv_stderr_ready():
+                    data = chan.recv_stderr(_CHUNK)
+                    err += data[: max(0, _CAPTURE_LIMIT - len(err))]
+                    moved = True
+                if moved:
+                    continue
+                # sshd sends the output, EOF and then the exit status: all of it before done
+                if chan.closed or (chan.exit_status_ready() and chan.eof_received):
+                    rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
+                    return DownloadResult(rc, received, False, err.decode("utf-8", "replace"))
+                select.select([chan], [], [], 0.2)
+        except (TimeoutError, OSError, EOFError, paramiko.SSHException) as exc:
+            raise SystemFailure(f"ssh: connection lost while copying from the VM: {exc}") from None
+        finally:
+            chan.close()
 
     def stream(
         self,
@@ -246,6 +304,33 @@ class GuestSSH:
                 chan.close()
             if saved is not None:
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    rc: int  # -1: no exit status (cut off, or the command was killed)
+    received: int
+    overflow: bool  # more than the limit arrived; `dest` holds only the part below it
+    stderr: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.rc == 0 and not self.overflow
+
+
+class _ChannelWriter(io.RawIOBase):
+    """A channel's stdin as a writable file (for tarfile and shutil.copyfileobj)."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = bytes(data)
+        self._chan.sendall(view)
+        return len(view)
 
 
 def _drain(chan: paramiko.Channel, out: bytearray, err: bytearray) -> None:

@@ -7,11 +7,13 @@ cleanup and reap need to treat as success, which are narrowed here by error code
 
 from __future__ import annotations
 
+import io
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import libvirt
 
@@ -215,17 +217,23 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _failure("creating volume", exc) from None
 
-    def upload_volume(self, pool: str, name: str, data: bytes) -> None:
+    def upload_volume(self, pool: str, name: str, data: bytes | BinaryIO, length: int | None = None) -> None:
+        """Write `data` (bytes, or `length` bytes read from a file) into the volume `name`."""
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        size = len(data) if isinstance(data, bytes) else length
+        if size is None:
+            raise ValueError("upload_volume: a file needs its length")
         try:
             vol = self._pool(pool).storageVolLookupByName(name)
             stream = self._conn.newStream(0)
-            vol.upload(stream, 0, len(data), 0)
-            view = memoryview(data)
-            while view:
-                sent = stream.send(bytes(view[: 1 << 20]))
-                if sent < 0:
-                    raise SystemFailure(f"libvirt: upload to volume {name} failed")
-                view = view[sent:]
+            vol.upload(stream, 0, size, 0)
+            while chunk := source.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    sent = stream.send(bytes(view))
+                    if sent < 0:
+                        raise SystemFailure(f"libvirt: upload to volume {name} failed")
+                    view = view[sent:]
             stream.finish()
         except libvirt.libvirtError as exc:
             raise _failure(f"uploading volume {name}", exc) from None

@@ -1,4 +1,5 @@
-"""The only module that imports pycdlib: the seed disk as an ISO9660 image, built in memory.
+"""The only module that imports pycdlib: ISO9660 images, the seed disk (built in memory) and
+the runner binary's volume (streamed from and to files).
 
 Rock Ridge and Joliet carry the real file names and modes; the level-1 (8.3) names are only
 what ISO9660 itself insists on. What goes into the files is decided in ``core.seedspec``.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import io
 import re
 import stat
+from pathlib import Path
+from typing import BinaryIO
 
 import pycdlib
 
@@ -60,3 +63,26 @@ def build_seed_iso(spec: SeedSpec) -> bytes:
     finally:
         iso.close()
     return out.getvalue()
+
+
+def build_file_iso(label: str, files: list[tuple[str, Path, int]], dest: BinaryIO) -> None:
+    """Write an ISO9660 image (Rock Ridge) of `files` = (name in the root, host path, mode) to
+    `dest`, reading each file as it goes (a runner binary is ~100 MB)."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, vol_ident=label, rock_ridge="1.09")
+    used: set[str] = set()
+    sources = [path.open("rb") for _, path, _ in files]
+    try:
+        for (name, path, mode), source in zip(files, sources, strict=True):
+            iso.add_fp(
+                source,
+                path.stat().st_size,
+                iso_path="/" + _iso9660_name(name, used),
+                rr_name=name,
+                file_mode=stat.S_IFREG | mode,
+            )
+        iso.write_fp(dest)
+    finally:
+        iso.close()
+        for source in sources:
+            source.close()

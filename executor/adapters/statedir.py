@@ -9,6 +9,7 @@ keyed by the VM name:
     <state_dir>/jobs/<vm>/docker/{ca,cert,key}.pem  the executor's TLS client for the VM's dockerd
                                     (the docker CLI's names: DOCKER_CERT_PATH for `env`)
     <state_dir>/alloc.lock          serialises IP allocation between concurrent prepares
+    <state_dir>/runner/             the gitlab-runner binary's hash memo and its volumes' records
 
 A lock that is held means "a stage is working on this VM right now": reap never touches it.
 The kernel drops flocks when a process dies, even by SIGKILL, so a crashed prepare never leaves
@@ -21,11 +22,13 @@ import errno
 import fcntl
 import functools
 import ipaddress
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from executor.core.waiting import Deadline, poll
 from executor.errors import SystemFailure
@@ -226,6 +229,17 @@ class StateDir:
         self.docker_client_files(vm)
         return str(self.job_dir(vm) / DOCKER_DIR)
 
+    def write_job_record(self, vm: str, name: str, value: Any) -> None:
+        """A JSON file of the job's (e.g. what was restored into its VM), gone with the job."""
+        self._write_private(vm, f"{name}.json", json.dumps(value))
+
+    def read_job_record(self, vm: str, name: str) -> Any:
+        """What `write_job_record` wrote; None if absent or unreadable."""
+        try:
+            return json.loads((self.job_dir(vm) / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     def read_client_key(self, vm: str) -> str:
         try:
             return (self.job_dir(vm) / CLIENT_KEY).read_text()
@@ -241,6 +255,44 @@ class StateDir:
 
     def job_dir_vms(self) -> list[str]:
         return sorted(p.name for p in self.jobs.iterdir()) if self.jobs.is_dir() else []
+
+    # --- the runner binary's volumes (shared by all jobs) ---------------------------------
+
+    @property
+    def runner_dir(self) -> Path:
+        """0700: the binary's hash memo, the volumes' records, scratch space for building one."""
+        self.ensure()
+        d = self.root / "runner"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    @contextmanager
+    def runner_lock(self, timeout: float) -> Iterator[None]:
+        """Serialise making runner volumes (one prepare builds, the others wait and reuse)."""
+        fd = os.open(self.runner_dir / "volume.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if not poll(functools.partial(_try_flock, fd), timeout, interval=0.2, max_interval=1.0):
+                raise SystemFailure(f"another prepare has been making the runner volume for more than {timeout:.0f} s")
+            yield
+        finally:
+            os.close(fd)
+
+    def read_runner_record(self, name: str) -> dict[str, Any] | None:
+        """A JSON record in the runner dir (the hash memo, a volume's), None if absent or bad."""
+        try:
+            value = json.loads((self.runner_dir / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write_runner_record(self, name: str, value: dict[str, Any]) -> None:
+        path = self.runner_dir / f"{name}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def remove_runner_record(self, name: str) -> None:
+        _unlink(self.runner_dir / f"{name}.json")
 
 
 def _try_flock(fd: int) -> bool | None:

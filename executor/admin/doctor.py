@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from executor.adapters import hostinfo, registry_daemon
+from executor.adapters.cachestore import CacheStore
 from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.admin import mirror as mirror_admin
@@ -20,6 +21,7 @@ from executor.core.jsonvalues import object_at
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.core.settings import GIB, Settings
 from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
+from executor.jobvm import runnervolume
 from executor.jobvm.accel import choose_accel
 from executor.stages.cleanup import cleanup
 from executor.stages.prepare import prepare
@@ -35,11 +37,12 @@ class Check:
     ok: bool | None  # None: skipped, because something it needs failed
     detail: str
     fix: str = ""
+    warning: bool = False  # passes, but something works less than it could (the fix says what)
 
     def line(self) -> str:
-        status = {True: "ok  ", False: "FAIL", None: "skip"}[self.ok]
+        status = "warn" if self.warning and self.ok else {True: "ok  ", False: "FAIL", None: "skip"}[self.ok]
         text = f"{status}  {self.name:<13} {self.detail}"
-        if self.fix and self.ok is False:
+        if self.fix and (self.ok is False or self.warning):
             text += f"  -> fix: {self.fix}"
         return text
 
@@ -198,6 +201,9 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             for name in ("accelerator", "storage pool", "disk space", "network", "network policy"):
                 add(Check(name, None, "needs libvirt"))
     image = add(_check_image(settings))
+    add(_check_runner_binary(settings))
+    if settings.cache.mode == "host":
+        add(_check_host_cache(settings))
     for check in _mirror_checks(settings):
         add(check)
     for url in settings.docker.registry_mirrors:
@@ -209,6 +215,43 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             for check in _boot_probe(settings):
                 add(check)
     return checks
+
+
+def _check_runner_binary(settings: Settings) -> Check:
+    try:
+        path = runnervolume.find_binary(settings)
+    except ConfigError as exc:
+        return Check("gitlab-runner", False, str(exc), "point runner.binary at the runner's binary, or remove it")
+    if path is None:
+        return Check(
+            "gitlab-runner",
+            True,
+            "no gitlab-runner binary on PATH: jobs run, but artifacts, caches and dependencies are disabled",
+            "install gitlab-runner on this host, or set runner.binary",
+            warning=True,
+        )
+    return Check("gitlab-runner", True, f"{path} goes into every job VM (read-only volume, one per binary hash)")
+
+
+def _check_host_cache(settings: Settings) -> Check:
+    root = Path(settings.cache.dir)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        used = sum(a.size for a in CacheStore(root).archives())
+        free = hostinfo.free_bytes(str(root))
+    except OSError as exc:
+        return Check("host cache", False, f"{root}: {exc.strerror}", "libvirt-executor setup, or fix cache.dir")
+    cap = settings.cache.max_total_gib * GIB
+    detail = f"{root}: {used / GIB:.2f} of {settings.cache.max_total_gib:g} GiB used, {free / GIB:.1f} GiB free"
+    if free < cap - used:
+        return Check(
+            "host cache",
+            True,
+            detail + " (less than the cap allows)",
+            "free space, or lower cache.max_total_gib",
+            warning=True,
+        )
+    return Check("host cache", True, detail)
 
 
 def _check_state_dirs(settings: Settings) -> Check:

@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from executor.core.naming import METADATA_KEY, METADATA_NS
+from executor.core.runnerbinary import DISK_SERIAL as RUNNER_DISK_SERIAL
 
 ET.register_namespace(METADATA_KEY, METADATA_NS)
 
@@ -53,6 +54,8 @@ class VMSpec:
     nwfilter: str = ""  # e.g. "lvx-job" or "clean-traffic"; empty for none
     # The filter's parameters (core.netpolicy.filter_parameters); () means just IP pinning.
     filter_parameters: tuple[tuple[str, str], ...] = ()
+    # the gitlab-runner binary's shared read-only volume (core.runnerbinary); "" for none
+    runner_volume: str = ""
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -140,6 +143,14 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     _sub(seed, "source", file=spec.seed_path)
     _sub(seed, "target", dev="vdb", bus="virtio")
     _sub(seed, "readonly")
+
+    if spec.runner_volume:
+        runner = _sub(devices, "disk", type="file", device="disk")
+        _sub(runner, "driver", name="qemu", type="raw")
+        _sub(runner, "source", file=spec.runner_volume)
+        _sub(runner, "target", dev="vdc", bus="virtio")
+        _sub(runner, "serial", RUNNER_DISK_SERIAL)  # how the guest finds it, whatever its name
+        _sub(runner, "readonly")  # one volume for every VM: read-only disks are never relabelled back
 
     iface = _sub(devices, "interface", type="network")
     _sub(iface, "source", network=spec.network)

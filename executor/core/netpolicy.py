@@ -47,25 +47,38 @@ def decide(
     blocked_networks: Iterable[str],
     host_addresses: Iterable[ipaddress.IPv4Address],
     gitlab_server: tuple[str, Iterable[ipaddress.IPv4Address]] | None = None,
+    cache_servers: Iterable[tuple[str, Iterable[ipaddress.IPv4Address]]] = (),
 ) -> Policy:
     """The policy for one job VM. `host_addresses` are every address of the host, found when the
-    job starts; `gitlab_server` is (host name, its addresses) from the job payload."""
+    job starts; `gitlab_server` is (host name, its addresses) from the job payload;
+    `cache_servers` are the distributed cache's servers the operator listed, the same way."""
     ports = tuple(sorted({DNS_PORT, *allow_host_ports}))
     allowed = [ipaddress.IPv4Network(n) for n in allowed_networks]
-    blocked = [ipaddress.IPv4Network(n) for n in blocked_networks]
-    blocked += [ipaddress.IPv4Network(a) for a in sorted({gateway, *host_addresses})]
+    host = [ipaddress.IPv4Network(a) for a in sorted({gateway, *host_addresses})]
+    blocked = [ipaddress.IPv4Network(n) for n in blocked_networks] + host
     notes = []
+    servers = []
     if gitlab_server is not None:
-        name, addresses = gitlab_server
+        servers.append(("the job's GitLab server", gitlab_server[0], gitlab_server[1], "for git and artifacts"))
+    for name, addresses in cache_servers:
+        addresses = list(addresses)
+        servers.append(("the cache server", name, addresses, "from cache.server_addresses"))
+        if not addresses:
+            notes.append(f"the cache server {name} (cache.server_addresses) does not resolve here: not allowed")
+    for what, name, addresses, why in servers:
         for address in sorted(set(addresses)):
+            if any(address in n for n in host):
+                # allowing a host address would open every port of the host
+                notes.append(
+                    f"not allowing {what} {name} ({address}): it is this host; "
+                    "list its port in network.allow_host_ports instead"
+                )
+                continue
             inside = next((n for n in blocked if address in n), None)
             if inside is None or any(address in n for n in allowed):
                 continue
             allowed.append(ipaddress.IPv4Network(address))
-            notes.append(
-                f"allowing the job's GitLab server {name} ({address}) for git and artifacts, "
-                f"although it is in the blocked network {inside}"
-            )
+            notes.append(f"allowing {what} {name} ({address}) {why}, although it is in the blocked network {inside}")
     return Policy(ports, tuple(_collapse(allowed)), tuple(_collapse(blocked)), tuple(notes))
 
 

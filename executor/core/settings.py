@@ -123,6 +123,27 @@ class MirrorSettings:
 
 
 @dataclass(frozen=True)
+class RunnerSettings:
+    """gitlab-runner's own binary, put into every job VM for artifacts, caches and dependencies
+    (the helper commands must be the runner's version)."""
+
+    binary: str = ""  # "" = `gitlab-runner` on PATH; none found: artifacts and caches are disabled
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where the runner's local cache (`cache:` without a distributed cache) survives the VM."""
+
+    mode: str = "off"  # "host": the project's archives are kept on the host between jobs
+    dir: str = "/var/lib/libvirt-executor/cache"
+    max_gib: float = 5.0  # per project; the least recently used archives go first
+    max_total_gib: float = 50.0  # all projects together
+    # Distributed cache servers (gitlab-runner's [runners.cache.s3] ServerAddress, host:port)
+    # that a job VM may reach although they are in a blocked network.
+    server_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -132,6 +153,8 @@ class Settings:
     docker: DockerSettings = field(default_factory=DockerSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -152,6 +175,8 @@ _SECTIONS: dict[str, type] = {
     "docker": DockerSettings,
     "network": NetworkSettings,
     "mirror": MirrorSettings,
+    "runner": RunnerSettings,
+    "cache": CacheSettings,
 }
 
 
@@ -242,6 +267,7 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_network(s.network, problems)
     _check_docker(s.docker, problems)
     _check_mirror(s.mirror, problems)
+    _check_runner_and_cache(s, problems)
 
 
 def _check_mirror(m: MirrorSettings, problems: list[str]) -> None:
@@ -260,6 +286,33 @@ def _check_mirror(m: MirrorSettings, problems: list[str]) -> None:
             problems.append(f"{key}: must be an absolute path, got {value!r}")
     if not 0 < m.max_gib <= 1_000_000:
         problems.append(f"mirror.max_gib: must be a positive number of GiB, got {m.max_gib}")
+
+
+CACHE_MODES = ("off", "host")
+_SERVER_ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:[0-9]{1,5})?$")
+
+
+def _check_runner_and_cache(s: Settings, problems: list[str]) -> None:
+    c = s.cache
+    if s.runner.binary and not s.runner.binary.startswith("/"):
+        problems.append(f"runner.binary: must be an absolute path, got {s.runner.binary!r}")
+    if c.mode not in CACHE_MODES:
+        problems.append(f"cache.mode: must be {' or '.join(repr(m) for m in CACHE_MODES)}, got {c.mode!r}")
+    if not c.dir.startswith("/"):
+        problems.append(f"cache.dir: must be an absolute path, got {c.dir!r}")
+    for key, value in (("cache.max_gib", c.max_gib), ("cache.max_total_gib", c.max_total_gib)):
+        if not 0 < value <= 1_000_000:
+            problems.append(f"{key}: must be a positive number of GiB, got {value}")
+    if c.max_gib > c.max_total_gib:
+        problems.append(
+            f"cache.max_gib: {c.max_gib:g} GiB per project is above cache.max_total_gib ({c.max_total_gib:g})"
+        )
+    for address in c.server_addresses:
+        port = address.rpartition(":")[2] if ":" in address else "443"
+        if not _SERVER_ADDRESS.match(address) or not 1 <= int(port) <= 65535:
+            problems.append(
+                f"cache.server_addresses: {address!r} must be host or host:port, like minio.example.com:9000"
+            )
 
 
 def _check_docker(d: DockerSettings, problems: list[str]) -> None:

@@ -22,7 +22,7 @@ from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.keys import DockerTLS, generate_docker_tls, generate_ed25519
 from executor.adapters.seed_iso import build_seed_iso
 from executor.adapters.statedir import StateDir
-from executor.core import accel, mirror, naming, netpolicy
+from executor.core import accel, mirror, naming, netpolicy, runnerbinary
 from executor.core.baseimage import BaseImage, config_disagreements
 from executor.core.domain_xml import (
     JobRecord,
@@ -36,6 +36,7 @@ from executor.core.seedspec import SeedSpec
 from executor.core.settings import GIB, Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit, wait_until
 from executor.errors import ConfigError, Interrupted, SystemFailure
+from executor.jobvm import runnervolume
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.record import running_record, vm_alive
 from executor.jobvm.teardown import teardown
@@ -90,8 +91,11 @@ def prepare(
                 for note in policy.notes:
                     out(f"{DRIVER_NAME}: {note}")
                 mirrors = registry_mirrors(settings, out)
-                ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, mirrors, timings)
+                runner_volume = _runner_volume(hv, settings, state, out)
+                ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, mirrors, runner_volume, timings)
                 with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
+                    if runner_volume:
+                        _mount_runner(ssh, vm)
                     with _wait_for_docker(hv, settings, state, vm, ip, timings) as docker:
                         if plan is not None:
                             imagemode.start(
@@ -118,6 +122,7 @@ def network_policy(settings: Settings, job: Job) -> netpolicy.Policy:
     server = None
     if job.gitlab_host:
         server = (job.gitlab_host, hostinfo.resolve_ipv4(job.gitlab_host))
+    cache_servers = [(name, hostinfo.resolve_ipv4(name)) for name in _cache_server_hosts(settings)]
     return netpolicy.decide(
         settings.gateway,
         (*net.allow_host_ports, *mirror.host_ports(settings)),
@@ -125,6 +130,14 @@ def network_policy(settings: Settings, job: Job) -> netpolicy.Policy:
         net.blocked_networks,
         hostinfo.local_ipv4_addresses(),
         server,
+        cache_servers,
+    )
+
+
+def _cache_server_hosts(settings: Settings) -> list[str]:
+    """The host names of `cache.server_addresses` (host or host:port, validated by settings)."""
+    return sorted(
+        {address.rpartition(":")[0] if ":" in address else address for address in settings.cache.server_addresses}
     )
 
 
@@ -142,6 +155,25 @@ def registry_mirrors(settings: Settings, out: Callable[[str], None]) -> list[str
                 "this job pulls Docker Hub images from Docker Hub directly"
             )
     return mirror.daemon_mirrors(settings, answers)
+
+
+def _runner_volume(hv: Hypervisor, settings: Settings, state: StateDir, out: Callable[[str], None]) -> str:
+    """The shared volume with the host's gitlab-runner binary; "" (said in the job log) when
+    the host has none."""
+    binary = runnervolume.host_binary(settings, state)
+    if binary is None:
+        out(
+            f"{DRIVER_NAME}: no gitlab-runner binary on this host (runner.binary, or PATH): "
+            "artifacts, caches and dependencies are disabled for this job"
+        )
+        return ""
+    return runnervolume.ensure_volume(hv, settings, state, binary)
+
+
+def _mount_runner(ssh: GuestSSH, vm: str) -> None:
+    result = ssh.capture(runnerbinary.mount_command(), timeout=30)
+    if not result.succeeded:
+        raise SystemFailure(f"cannot mount the gitlab-runner volume in {vm}: {result.stderr.strip()[:300]}")
 
 
 def _roll_back(settings: Settings, state: StateDir, vm: str, exc: BaseException) -> None:
@@ -171,6 +203,7 @@ def _create_vm(
     choice: accel.Choice,
     policy: netpolicy.Policy,
     mirrors: list[str],
+    runner_volume: str,
     timings: Timings,
 ) -> str:
     """Reserve the address, make the keys, the seed and the overlay, define and start the
@@ -193,7 +226,7 @@ def _create_vm(
     console = console_log(settings, vm)
     console.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     spec = _domain_spec(
-        settings, image, job, vm, ip, choice, host_public, overlay_path, seed_path, str(console), policy
+        settings, image, job, vm, ip, choice, host_public, overlay_path, seed_path, str(console), policy, runner_volume
     )
     timings.mark("defining")
     hv.define_and_start(build_domain(spec))
@@ -214,6 +247,7 @@ def _domain_spec(
     seed_path: str,
     console: str,
     policy: netpolicy.Policy,
+    runner_volume: str,
 ) -> VMSpec:
     """The domain of the job's VM, with the metadata later stages and `reap` read."""
     now = int(time.time())
@@ -247,6 +281,7 @@ def _domain_spec(
         domain_type=choice.domain_type,
         nwfilter=settings.libvirt.nwfilter,
         filter_parameters=tuple(netpolicy.filter_parameters(ip, str(settings.gateway), policy)),
+        runner_volume=runner_volume,
     )
 
 

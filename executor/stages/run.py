@@ -31,7 +31,7 @@ from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred, signals_raise_interrupted
 from executor.errors import BuildFailure, Interrupted, SystemFailure
 from executor.jobvm.record import running_record, vm_alive
-from executor.stages import imagemode
+from executor.stages import hostcache, imagemode
 from executor.stages.config import DRIVER_NAME
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,31 @@ def run(
         key = state.read_client_key(vm)
         with _connect_for_run(settings, record, key) as ssh:
             alive = lambda: vm_alive(hv, vm)  # noqa: E731
+            say = _job_log(stderr)
+            if hostcache.enabled(settings) and stage in hostcache.RESTORE_STAGES:
+                hostcache.restore(settings, job, vm, ssh, say)
             if image is not None and images.runs_in_container(stage):
                 status: int | None = _run_in_container(state, vm, record.ip, image, ssh, script, stdout, stderr, alive)
             else:
                 status = _run_in_vm(ssh, script, stdout, stderr, alive, as_root=image is not None)
+            if hostcache.enabled(settings) and stage in hostcache.SAVE_STAGES:
+                hostcache.save(settings, job, vm, ssh, say)
     if status is None:
         # The VM and the connection are fine (checked above), so it was something inside the job.
-        stderr.write(f"{DRIVER_NAME}: the {stage} shell was killed by a signal\n".encode())
-        stderr.flush()
+        _job_log(stderr)(f"the {stage} shell was killed by a signal")
     outcome = script_outcome(status)
     if outcome is not None:
         raise outcome
+
+
+def _job_log(stderr: BinaryIO) -> Callable[[str], None]:
+    """A line of ours in the job log (the stage's stderr, which gitlab-runner shows)."""
+
+    def say(text: str) -> None:
+        stderr.write(f"{DRIVER_NAME}: {text}\n".encode())
+        stderr.flush()
+
+    return say
 
 
 def _run_in_vm(

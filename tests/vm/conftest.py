@@ -50,12 +50,13 @@ def write_test_config(
     allowed_networks: tuple[str, ...] = (),
     docker: str = "",
     mirror: str = "enabled = false",
+    extra: str = "",
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
     console-log dir, and the executor's network policy (nwfilter lvx-job, whatever the host's
     config says) with these host ports and networks open. No registry mirror unless `mirror`
-    (the [mirror] section's lines) says so."""
+    (the [mirror] section's lines) says so; `extra` is appended (more sections)."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -96,6 +97,7 @@ allowed_networks = {json.dumps(list(allowed_networks))}
 
 [mirror]
 {mirror}
+{extra}
 """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"

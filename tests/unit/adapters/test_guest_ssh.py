@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import socket
 import threading
+import time
 
 import paramiko
 import pytest
@@ -88,3 +89,97 @@ def test_a_host_key_other_than_the_pinned_one_is_refused_as_a_system_failure():
     with pytest.raises(SystemFailure, match="host key other than the one seeded") as info:
         GuestSSH.connect("127.0.0.1", "runner", CLIENT_PRIVATE, PINNED_PUBLIC, 5, port=port)
     assert not isinstance(info.value, SSHNotReady)  # never retried as "still booting"
+
+
+PINNED_PRIVATE, PINNED_PUBLIC_2 = generate_ed25519("peer")
+
+
+class _ExecServer(paramiko.ServerInterface):
+    """A paramiko SSH server on loopback that accepts our key and one exec request."""
+
+    def __init__(self) -> None:
+        self.command = threading.Event()
+        self.text = ""
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        self.text = command.decode()
+        self.command.set()
+        return True
+
+
+def _exec_peer(behave) -> tuple[int, dict]:
+    """A peer that runs `behave(channel, command)` for the one command it gets; what it saw."""
+    seen: dict = {}
+
+    def ssh_server(conn: socket.socket) -> None:
+        transport = paramiko.Transport(conn)
+        transport.add_server_key(paramiko.Ed25519Key.from_private_key(io.StringIO(PINNED_PRIVATE)))
+        server = _ExecServer()
+        try:
+            transport.start_server(server=server)
+            chan = transport.accept(10)
+            server.command.wait(10)
+            seen["command"] = server.text
+            behave(chan, seen)
+            chan.shutdown_write()
+            chan.close()
+            deadline = time.monotonic() + 5
+            while transport.is_active() and time.monotonic() < deadline:  # the client hangs up
+                time.sleep(0.02)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass
+        finally:
+            transport.close()
+
+    return _serve_once(ssh_server), seen
+
+
+def _connect(port: int) -> GuestSSH:
+    return GuestSSH.connect("127.0.0.1", "runner", CLIENT_PRIVATE, PINNED_PUBLIC_2, 5, port=port)
+
+
+def test_download_copies_the_output_and_cuts_off_a_peer_that_sends_more_than_the_limit():
+    def send(chan: paramiko.Channel, seen: dict) -> None:
+        chan.sendall(b"x" * 200_000)
+        chan.shutdown_write()  # EOF, then the status, as sshd does
+        chan.send_exit_status(0)
+
+    port, _ = _exec_peer(send)
+    sink = io.BytesIO()
+    with _connect(port) as ssh:
+        result = ssh.download("cat big", sink, limit=100_000, timeout=10)
+    assert result.overflow and not result.succeeded
+    assert len(sink.getvalue()) <= 100_000
+
+    port, seen = _exec_peer(send)
+    sink = io.BytesIO()
+    with _connect(port) as ssh:
+        result = ssh.download("cat big", sink, limit=200_000, timeout=10)
+    assert result.succeeded and result.received == 200_000 and sink.getvalue() == b"x" * 200_000
+    assert seen["command"] == "cat big"
+
+
+def test_upload_streams_what_the_producer_writes_into_the_commands_stdin():
+    def receive(chan: paramiko.Channel, seen: dict) -> None:
+        data = bytearray()
+        while chunk := chan.recv(65536):
+            data += chunk
+        seen["stdin"] = bytes(data)
+        chan.sendall_stderr(b"done\n")
+        chan.send_exit_status(3)
+
+    port, seen = _exec_peer(receive)
+    payload = bytes(range(256)) * 1000
+    with _connect(port) as ssh:
+        result = ssh.upload("tar -x", lambda sink: sink.write(payload), timeout=10)
+    assert seen["stdin"] == payload and seen["command"] == "tar -x"
+    assert result.rc == 3 and result.stderr == "done\n"

@@ -95,11 +95,33 @@ def test_healthy_host_passes_every_check(hv, tmp_path):
         "network",
         "network policy",
         "base image",
+        "gitlab-runner",
         "registry mirror",
     ]
     assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
     assert by_name(checks)["accelerator"].detail.startswith("TCG")  # the test driver offers no KVM
     assert by_name(checks)["base image"].line().startswith("ok    base image    ")
+
+
+def test_gitlab_runner_missing_warns_configured_passes_and_the_host_cache_shows_its_use(hv, tmp_path, monkeypatch):
+    fake_image(tmp_path / "image")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    missing = by_name(doctor(write_config(tmp_path)))["gitlab-runner"]
+    assert missing.ok and missing.warning
+    assert missing.line().startswith("warn  gitlab-runner no gitlab-runner binary on PATH: jobs run, but artifacts")
+    assert "-> fix: install gitlab-runner on this host, or set runner.binary" in missing.line()
+    binary = tmp_path / "gitlab-runner"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    cache = tmp_path / "hostcache"
+    extra = (
+        f'[runner]\nbinary = "{binary}"\n[cache]\nmode = "host"\ndir = "{cache}"\nmax_gib = 0.1\nmax_total_gib = 0.5\n'
+    )
+    checks = by_name(doctor(write_config(tmp_path, extra=extra)))
+    assert checks["gitlab-runner"].line().startswith(f"ok    gitlab-runner {binary} goes into every job VM")
+    assert checks["host cache"].ok and f"{cache}: 0.00 of 0.5 GiB used" in checks["host cache"].detail
+    binary.unlink()
+    assert by_name(doctor(write_config(tmp_path, extra=extra)))["gitlab-runner"].ok is False
 
 
 def test_missing_image_fails_with_the_fix(hv, tmp_path):

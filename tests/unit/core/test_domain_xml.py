@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -108,6 +109,14 @@ def test_domain_is_never_restarted_and_disks_are_as_specified(tcg_spec):
     assert disks[0].find("driver").get("type") == "qcow2"
     assert disks[1].find("readonly") is not None
     assert dom.find("devices/interface/port").get("isolated") == "yes"
+
+
+def test_the_runner_volume_is_a_third_read_only_disk_found_by_its_serial(tcg_spec):
+    dom = ET.fromstring(build_domain(dataclasses.replace(tcg_spec, runner_volume="/pool/lvx-runner-ab.iso")))
+    runner = dom.findall("devices/disk")[2]
+    assert runner.find("source").get("file") == "/pool/lvx-runner-ab.iso"
+    assert runner.find("target").get("dev") == "vdc" and runner.findtext("serial") == "lvx-runner"
+    assert runner.find("readonly") is not None and runner.find("driver").get("type") == "raw"
 
 
 def test_overlay_names_its_backing_format():

@@ -132,3 +132,22 @@ Local:
 
 def test_local_addresses_are_the_host_local_leaves_of_fib_trie():
     assert [str(a) for a in netpolicy.local_addresses(FIB_TRIE)] == ["10.255.255.1", "127.0.0.1", "192.0.2.2"]
+
+
+def test_a_listed_cache_server_in_a_blocked_range_is_allowed_and_said():
+    policy = decide(cache_servers=[("minio.lan", [ipaddress.IPv4Address("10.4.4.4")])])
+    assert not blocks(policy, "10.4.4.4") and blocks(policy, "10.4.4.5")
+    assert policy.notes == (
+        "allowing the cache server minio.lan (10.4.4.4) from cache.server_addresses, "
+        "although it is in the blocked network 10.0.0.0/8",
+    )
+
+
+def test_a_cache_server_on_this_host_or_that_does_not_resolve_is_not_allowed_and_said():
+    policy = decide(cache_servers=[("myself", [ipaddress.IPv4Address("192.0.2.2")]), ("nowhere.lan", [])])
+    assert blocks(policy, "192.0.2.2") and policy.allowed == ()
+    assert policy.notes == (
+        "the cache server nowhere.lan (cache.server_addresses) does not resolve here: not allowed",
+        "not allowing the cache server myself (192.0.2.2): it is this host; "
+        "list its port in network.allow_host_ports instead",
+    )

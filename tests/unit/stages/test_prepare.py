@@ -18,7 +18,7 @@ import pytest
 from executor.adapters.hypervisor import Hypervisor
 from executor.adapters.statedir import StateDir
 from executor.core.jobenv import Job
-from executor.core.settings import ImageSettings, Settings, VMSettings
+from executor.core.settings import ImageSettings, RunnerSettings, Settings, VMSettings
 from executor.errors import ConfigError, Interrupted, SystemFailure
 from executor.stages import prepare as prepare_stage
 from tests.unit.conftest import make_driver_spec
@@ -52,10 +52,24 @@ def left_on_host(hv: Hypervisor, settings: Settings) -> dict[str, object]:
     return {k: v for k, v in found.items() if v}
 
 
-def test_a_libvirt_failure_midway_rolls_back_everything_made_so_far(hv, settings):
+def test_a_libvirt_failure_midway_rolls_back_everything_made_so_far(hv, settings, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no gitlab-runner
+    printed: list[str] = []
     with pytest.raises(SystemFailure, match="uploading volume lvx-job-4242-seed.iso"):
-        prepare_stage.prepare(settings, JOB, out=lambda line: pytest.fail(f"printed {line!r}"))
+        prepare_stage.prepare(settings, JOB, out=printed.append)
     assert left_on_host(hv, settings) == {}
+    # the job log's one line: nothing else was said
+    assert printed == [
+        "libvirt-executor: no gitlab-runner binary on this host (runner.binary, or PATH): "
+        "artifacts, caches and dependencies are disabled for this job"
+    ]
+
+
+def test_a_configured_runner_binary_that_is_missing_is_refused_before_anything_is_made(hv, settings, tmp_path):
+    missing = dataclasses.replace(settings, runner=RunnerSettings(binary=str(tmp_path / "gitlab-runner")))
+    with pytest.raises(ConfigError, match="runner.binary: .*/gitlab-runner is not an executable file"):
+        prepare_stage.prepare(missing, JOB, out=lambda line: None)
+    assert left_on_host(hv, missing) == {}
 
 
 def test_sigterm_while_the_vm_boots_destroys_it_and_everything_else(hv, settings, monkeypatch):

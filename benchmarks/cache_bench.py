@@ -68,6 +68,10 @@ def stage(sim, body: str, name: str) -> float:
     return result.seconds
 
 
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.1f} ms" if value < 0.1 else f"{value:.2f} s"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=config_path(None, {}))
@@ -120,7 +124,7 @@ def main() -> None:
     print("| | baseline | measured | ratio |")
     print("|---|---|---|---|")
     for what, (base, measured) in rows.items():
-        print(f"| {what} | {base:.2f} s | {measured:.2f} s | {measured / base:.2f} |")
+        print(f"| {what} | {_seconds(base)} | {_seconds(measured)} | {measured / base:.1f} |")
 
 
 if __name__ == "__main__":

@@ -235,10 +235,7 @@ class StateDir:
 
     def read_job_record(self, vm: str, name: str) -> Any:
         """What `write_job_record` wrote; None if absent or unreadable."""
-        try:
-            return json.loads((self.job_dir(vm) / f"{name}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.job_dir(vm) / f"{name}.json")
 
     def read_client_key(self, vm: str) -> str:
         try:
@@ -279,10 +276,7 @@ class StateDir:
 
     def read_runner_record(self, name: str) -> dict[str, Any] | None:
         """A JSON record in the runner dir (the hash memo, a volume's), None if absent or bad."""
-        try:
-            value = json.loads((self.runner_dir / f"{name}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        value = _read_json(self.runner_dir / f"{name}.json")
         return value if isinstance(value, dict) else None
 
     def write_runner_record(self, name: str, value: dict[str, Any]) -> None:
@@ -293,6 +287,14 @@ class StateDir:
 
     def remove_runner_record(self, name: str) -> None:
         _unlink(self.runner_dir / f"{name}.json")
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's value; None if it is absent or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _try_flock(fd: int) -> bool | None:

@@ -2,8 +2,8 @@
 
 One volume per binary hash, made by the first prepare that needs it and reused by every later
 one. The binary's hash is remembered per path with its (inode, size, mtime), so a prepare
-re-reads the binary only after it was replaced. Volumes of replaced binaries are deleted once no job can still
-be using them (superseded longer ago than the longest VM lifetime).
+re-reads the binary only after it was replaced. Volumes of replaced binaries are deleted once
+no job can still be using them (superseded longer ago than the longest VM lifetime).
 """
 
 from __future__ import annotations

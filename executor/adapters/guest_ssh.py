@@ -14,6 +14,7 @@ import os
 import select
 import shutil
 import termios
+import threading
 import time
 import tty
 from collections.abc import Callable
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SSH_PORT = 22
 KEEPALIVE_S = 15
+WATCH_PROBE_TIMEOUT_S = 30.0  # one probe's bound; `silent_for` keeps growing while it waits
 _CHUNK = 32 * 1024
 _CAPTURE_LIMIT = 64 * 1024
 
@@ -62,6 +64,8 @@ def _client_key(private_openssh: str) -> paramiko.PKey:
 class GuestSSH:
     def __init__(self, client: paramiko.SSHClient) -> None:
         self._client = client
+        self._last_answer = time.monotonic()
+        self._stop_watch: threading.Event | None = None
 
     @classmethod
     def connect(
@@ -103,7 +107,43 @@ class GuestSSH:
         return cls(client)
 
     def close(self) -> None:
+        if self._stop_watch is not None:
+            self._stop_watch.set()
         self._client.close()
+
+    def probe(self, timeout: float) -> float | None:
+        """Open and close a session: the VM's kernel and sshd must both answer. The seconds it
+        took, or None if it did not answer within `timeout` (or the connection is gone)."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            return None
+        started = time.monotonic()
+        try:
+            chan = transport.open_session(timeout=timeout)
+        except (OSError, EOFError, paramiko.SSHException):
+            return None
+        chan.close()
+        return time.monotonic() - started
+
+    def watch(self, interval: float) -> None:
+        """Probe the VM every `interval` s in the background (until `close`): `silent_for` then
+        says how long it has not answered. A frozen guest keeps its TCP connection open and
+        the stage's own channel simply goes quiet, which a silent job does too."""
+        if self._stop_watch is not None:
+            return
+        self._last_answer = time.monotonic()
+        stop = self._stop_watch = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                if self.probe(timeout=max(interval, WATCH_PROBE_TIMEOUT_S)) is not None:
+                    self._last_answer = time.monotonic()
+
+        threading.Thread(target=loop, name="ssh-liveness", daemon=True).start()
+
+    def silent_for(self) -> float:
+        """Seconds since the VM last answered a `watch` probe (or since the watch began)."""
+        return time.monotonic() - self._last_answer
 
     def __enter__(self) -> GuestSSH:
         return self

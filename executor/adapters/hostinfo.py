@@ -11,7 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from executor.core import accel, mirror, netpolicy
+from executor.core import accel, admission, mirror, netpolicy
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -100,3 +100,12 @@ def listening_tcp() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address,
         except OSError:
             continue
     return found
+
+
+def memory_available() -> int | None:
+    """The kernel's estimate of memory available for new work, in bytes (None if unreadable)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+            return admission.mem_available(f.read())
+    except OSError:
+        return None

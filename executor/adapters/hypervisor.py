@@ -316,6 +316,25 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _failure(f"reading pool {pool}", exc) from None
 
+    def pool_volume_sizes(self, pool: str) -> list[tuple[int, int]]:
+        """(capacity, allocation) in bytes of every volume in the pool, as of a fresh rescan."""
+        p = self._pool(pool)
+        sizes = []
+        try:
+            self._refresh(p)
+            names = p.listVolumes()
+        except libvirt.libvirtError as exc:
+            raise _failure(f"listing volumes of pool {pool}", exc) from None
+        for name in names:
+            try:
+                _, capacity, allocation = p.storageVolLookupByName(name).info()
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    continue  # deleted since the listing (another job's cleanup)
+                raise _failure(f"reading volume {name}", exc) from None
+            sizes.append((int(capacity), int(allocation)))
+        return sizes
+
     def nwfilter_exists(self, name: str) -> bool:
         return self.nwfilter_xml(name) is not None
 

@@ -21,7 +21,7 @@ from executor.core.jsonvalues import object_at
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.core.settings import GIB, Settings
 from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
-from executor.jobvm import runnervolume
+from executor.jobvm import headroom, runnervolume
 from executor.jobvm.accel import choose_accel
 from executor.stages.cleanup import cleanup
 from executor.stages.prepare import prepare
@@ -179,6 +179,7 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             "accelerator",
             "storage pool",
             "disk space",
+            "headroom",
             "network",
             "network policy",
             "base image",
@@ -198,7 +199,7 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             add(Check("libvirt", False, f"failed during the checks: {exc}", "check libvirtd's log"))
         else:
             add(Check("libvirt", False, str(exc), "start libvirtd (no systemd: `virtlogd -d; libvirtd -d`)"))
-            for name in ("accelerator", "storage pool", "disk space", "network", "network policy"):
+            for name in ("accelerator", "storage pool", "disk space", "headroom", "network", "network policy"):
                 add(Check(name, None, "needs libvirt"))
     image = add(_check_image(settings))
     add(_check_runner_binary(settings))
@@ -280,6 +281,7 @@ def _libvirt_checks(settings: Settings, hv: Hypervisor, add: Callable[[Check], C
         add(kvm_device)
     for check in _check_pool(settings, hv):
         add(check)
+    add(_check_headroom(settings, hv))
     add(_check_network(settings, hv))
     add(_check_network_policy(settings, hv))
 
@@ -319,6 +321,34 @@ def _check_pool(settings: Settings, hv: Hypervisor) -> list[Check]:
             "free space on the pool's filesystem (`libvirt-executor reap`), or lower vm.disk_gib",
         ),
     ]
+
+
+def _check_headroom(settings: Settings, hv: Hypervisor) -> Check:
+    """What prepare's admission check would decide for a job now."""
+    try:
+        image_bytes = load_base_image(settings.image.dir).virtual_bytes
+    except ConfigError:
+        image_bytes = 0
+    try:
+        room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image_bytes))
+    except (ConfigError, SystemFailure) as exc:
+        return Check("headroom", None, f"cannot measure: {exc}")
+    memory = "unknown" if room.memory_available is None else f"{room.memory_available / 2**20:.0f} MiB"
+    detail = (
+        f"pool {room.pool_free / GIB:.1f} GiB free, {room.pool_committed / GIB:.1f} GiB of it promised to "
+        f"existing disks; memory available {memory}"
+    )
+    problems = room.problems()
+    if not settings.admission.enabled:
+        return Check("headroom", True, f"{detail}; admission control is off (admission.enabled)")
+    if problems:
+        return Check(
+            "headroom",
+            False,
+            "prepare refuses jobs now: " + "; ".join(problems),
+            "free pool space or memory (`libvirt-executor reap`), or lower vm.disk_gib / vm.memory_mib",
+        )
+    return Check("headroom", True, f"room for {room.jobs_that_fit()} more job VM(s) now: {detail}")
 
 
 def _check_network(settings: Settings, hv: Hypervisor) -> Check:

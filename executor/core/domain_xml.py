@@ -33,6 +33,20 @@ class JobRecord:
     host_key: str  # the VM's public SSH host key line, pinned by `run`
 
 
+CPU_PERIOD_US = 100_000  # the CFS period the domain's CPU quota is counted in
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the domain may take of the host (0: unlimited). QEMU throttles the disk; the
+    host's cgroups cap the CPU of all the domain's threads together; tc the interface."""
+
+    cpu_quota_us: int = 0  # per CPU_PERIOD_US, for the whole domain
+    disk_bytes_sec: int = 0  # reads and writes, each
+    disk_iops_sec: int = 0  # reads and writes, each
+    net_kib_sec: int = 0  # in and out, each (libvirt counts kibibytes)
+
+
 @dataclass(frozen=True)
 class VMSpec:
     name: str
@@ -56,6 +70,7 @@ class VMSpec:
     filter_parameters: tuple[tuple[str, str], ...] = ()
     # the gitlab-runner binary's shared read-only volume (core.runnerbinary); "" for none
     runner_volume: str = ""
+    limits: Limits = Limits()
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -106,6 +121,12 @@ def build_domain(spec: VMSpec) -> str:
     meta.append(build_metadata(spec.record))
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+    if spec.limits.cpu_quota_us:
+        # A global quota also covers QEMU's own threads (disk and network emulation), which a
+        # per-vCPU quota would leave free for a job to keep busy.
+        cputune = _sub(dom, "cputune")
+        _sub(cputune, "global_period", str(CPU_PERIOD_US))
+        _sub(cputune, "global_quota", str(spec.limits.cpu_quota_us))
 
     os_el = _sub(dom, "os")
     type_attrs = {"arch": spec.arch}
@@ -137,6 +158,7 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
     _sub(disk, "source", file=spec.overlay_path)
     _sub(disk, "target", dev="vda", bus="virtio")
+    _add_iotune(disk, spec.limits)
 
     seed = _sub(devices, "disk", type="file", device="disk")
     _sub(seed, "driver", name="qemu", type="raw")
@@ -164,6 +186,10 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
             _sub(ref, "parameter", name=name, value=value)
     # Isolated ports cannot talk to each other, only to the bridge (host) and beyond.
     _sub(iface, "port", isolated="yes")
+    if spec.limits.net_kib_sec:
+        bandwidth = _sub(iface, "bandwidth")
+        for direction in ("inbound", "outbound"):
+            _sub(bandwidth, direction, average=str(spec.limits.net_kib_sec))
 
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=spec.console_log, append="off")
@@ -175,6 +201,22 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     # libvirt adds a USB controller and a balloon unless told not to: less device surface.
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
+
+
+def _add_iotune(disk: ET.Element, limits: Limits) -> None:
+    pairs = [
+        (name, value)
+        for names, value in (
+            (("read_bytes_sec", "write_bytes_sec"), limits.disk_bytes_sec),
+            (("read_iops_sec", "write_iops_sec"), limits.disk_iops_sec),
+        )
+        if value
+        for name in names
+    ]
+    if pairs:
+        iotune = _sub(disk, "iotune")
+        for name, value in pairs:
+            _sub(iotune, name, str(value))
 
 
 def build_overlay_volume(name: str, backing_path: str, capacity_bytes: int) -> str:

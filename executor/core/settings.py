@@ -72,6 +72,9 @@ class TimeoutSettings:
     cleanup: float = 60.0  # the whole cleanup stage
     expiry_margin: float = 1800.0  # added to the job timeout to get the VM's expiry
     max_lifetime: float = 6 * 3600.0  # hard cap on a VM's expiry, whatever the job timeout
+    # A VM that has answered no SSH probe for this long while a stage runs (or dockerd starts)
+    # is dead: a system failure. MEASURE-ME (benchmarks/liveness_bench.py).
+    unresponsive: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,28 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """What one job VM may take of the host, whatever runs inside it (libvirt enforces these in
+    QEMU and the host's cgroups, outside the guest). 0 turns a limit off."""
+
+    cpu_percent: int = 100  # of one host CPU per vCPU: 100 = each vCPU at most one full core
+    disk_mbps: int = 200  # reads and writes of the job's disk, MB/s each
+    disk_iops: int = 5000  # reads and writes of the job's disk, operations/s each
+    net_mbit: int = 0  # in and out on the VM's interface (tc on the host; needs sfq and police)
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    """Prepare refuses a job (a system failure: gitlab-runner retries it, maybe on another
+    runner) when this host cannot hold one more VM, rather than starting one that QEMU would
+    pause on a full pool later."""
+
+    enabled: bool = True
+    pool_margin_gib: float = 2.0  # free pool space kept beyond every VM's worst-case growth
+    memory_margin_mib: int = 256  # available memory kept beyond the new VM's memory
+
+
+@dataclass(frozen=True)
 class Settings:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -155,6 +180,8 @@ class Settings:
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -177,6 +204,8 @@ _SECTIONS: dict[str, type] = {
     "mirror": MirrorSettings,
     "runner": RunnerSettings,
     "cache": CacheSettings,
+    "limits": LimitSettings,
+    "admission": AdmissionSettings,
 }
 
 
@@ -268,6 +297,22 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_docker(s.docker, problems)
     _check_mirror(s.mirror, problems)
     _check_runner_and_cache(s, problems)
+    _check_limits(s, problems)
+
+
+def _check_limits(s: Settings, problems: list[str]) -> None:
+    bounds = {"cpu_percent": 1000, "disk_mbps": 100000, "disk_iops": 10000000, "net_mbit": 100000}
+    for name, most in bounds.items():
+        value = getattr(s.limits, name)
+        if not 0 <= value <= most:
+            problems.append(f"limits.{name}: must be between 0 (no limit) and {most}, got {value}")
+    if s.limits.cpu_percent and s.limits.cpu_percent < 10:
+        problems.append(f"limits.cpu_percent: below 10 a VM cannot boot in time, got {s.limits.cpu_percent}")
+    adm = s.admission
+    if not math.isfinite(adm.pool_margin_gib) or not 0 <= adm.pool_margin_gib <= 4096:
+        problems.append(f"admission.pool_margin_gib: must be between 0 and 4096, got {adm.pool_margin_gib}")
+    if not 0 <= adm.memory_margin_mib <= 262144:
+        problems.append(f"admission.memory_margin_mib: must be between 0 and 262144, got {adm.memory_margin_mib}")
 
 
 def _check_mirror(m: MirrorSettings, problems: list[str]) -> None:

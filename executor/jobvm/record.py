@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from executor.adapters.guest_ssh import GuestSSH
+from executor.adapters.hostfiles import console_log, console_tail
 from executor.adapters.hypervisor import Hypervisor
 from executor.core.domain_xml import JobRecord, parse_job_record
+from executor.core.settings import Settings
 from executor.errors import SystemFailure
+
+# How often a waiting stage probes its VM over SSH. A probe costs one channel open and close.
+PROBE_INTERVAL_S = 5.0
 
 
 def disk_error(vm: str) -> SystemFailure:
@@ -33,3 +41,27 @@ def running_record(hv: Hypervisor, vm: str) -> JobRecord:
     if not info.active:
         raise SystemFailure(f"the job's VM {vm} is not running (state: {info.state})")
     return record
+
+
+def alive_and_answering(hv: Hypervisor, settings: Settings, vm: str, ssh: GuestSSH) -> Callable[[], bool]:
+    """A liveness check for a stage that waits on the VM: False once libvirt says it is gone;
+    SystemFailure, with the console's last lines, once it has answered no SSH probe for
+    `timeouts.unresponsive` seconds (libvirt still says "running" for a wedged guest kernel).
+    Starts `ssh`'s background probe."""
+    ssh.watch(PROBE_INTERVAL_S)
+    limit = settings.timeouts.unresponsive
+
+    def alive() -> bool:
+        if not vm_alive(hv, vm):
+            return False
+        silent = ssh.silent_for()
+        if silent > limit:
+            tail = console_tail(console_log(settings, vm))
+            said = f"its console's last lines:\n{tail}" if tail else "its console shows nothing"
+            raise SystemFailure(
+                f"the job's VM {vm} stopped responding: no answer over SSH for {silent:.0f} s "
+                f"(timeouts.unresponsive = {limit:g}); {said}"
+            )
+        return True
+
+    return alive

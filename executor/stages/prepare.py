@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from executor.adapters.statedir import StateDir
 from executor.core import accel, mirror, naming, netpolicy, runnerbinary
 from executor.core.baseimage import BaseImage, config_disagreements
 from executor.core.domain_xml import (
+    CPU_PERIOD_US,
     JobRecord,
+    Limits,
     VMSpec,
     build_domain,
     build_overlay_volume,
@@ -33,12 +36,12 @@ from executor.core.domain_xml import (
 )
 from executor.core.jobenv import Job, RegistryCredentials
 from executor.core.seedspec import SeedSpec
-from executor.core.settings import GIB, Settings
+from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit, wait_until
 from executor.errors import ConfigError, Interrupted, SystemFailure
-from executor.jobvm import runnervolume
+from executor.jobvm import headroom, runnervolume
 from executor.jobvm.accel import choose_accel
-from executor.jobvm.record import running_record, vm_alive
+from executor.jobvm.record import alive_and_answering, running_record, vm_alive
 from executor.jobvm.teardown import teardown
 from executor.stages import imagemode
 from executor.stages.cleanup import LOCK_WAIT_S
@@ -73,6 +76,7 @@ def prepare(
     was made and raise (a system failure; JobRefused, a build failure, for an image the job may
     not or cannot use)."""
     timings = Timings()
+    runner_alive = _runner_watch()
     plan = imagemode.check(settings, job)  # before anything is made: a refused image costs nothing
     vm = naming.vm_name(settings.vm.name_prefix, job.job_id)
     image = load_base_image(settings.image.dir)
@@ -85,6 +89,7 @@ def prepare(
             with signals_raise_interrupted():
                 # A failed earlier attempt whose cleanup timed out may have left debris.
                 teardown(hv, settings, state, vm)
+                _admit(hv, settings, image)
                 choice = choose_accel(settings, hv)
                 log.info("preparing %s (%s: %s)", vm, choice.accel, choice.reason)
                 policy = network_policy(settings, job)
@@ -93,10 +98,17 @@ def prepare(
                 mirrors = registry_mirrors(settings, out)
                 runner_volume = _runner_volume(hv, settings, state, out)
                 ip = _create_vm(hv, settings, state, image, job, vm, choice, policy, mirrors, runner_volume, timings)
-                with _wait_for_ssh(hv, settings, state, vm, ip, timings) as ssh:
+                with _wait_for_ssh(hv, settings, state, vm, ip, timings, runner_alive) as ssh:
+                    # From here a guest that stops answering fails within timeouts.unresponsive.
+                    answering = alive_and_answering(hv, settings, vm, ssh)
+                    out(
+                        f"{DRIVER_NAME}: {vm} answers on SSH after {timings.between('started', 'ssh'):.1f}s, "
+                        "waiting for its dockerd"
+                    )
                     if runner_volume:
                         _mount_runner(ssh, vm)
-                    with _wait_for_docker(hv, settings, state, vm, ip, timings) as docker:
+                    alive = lambda: runner_alive() and answering()  # noqa: E731
+                    with _wait_for_docker(settings, state, vm, ip, timings, alive) as docker:
                         if plan is not None:
                             imagemode.start(
                                 settings, job, plan, docker, ssh, vm, credentials(), _lifetime(settings, job), out
@@ -112,6 +124,44 @@ def prepare(
         f"ssh-to-docker {timings.between('ssh', 'docker'):.1f}s, "
         + (f"containers {timings.between('docker', 'containers'):.1f}s, " if plan else "")
         + f"total {timings.between(None, 'containers' if plan else 'docker'):.1f}s"
+    )
+
+
+def _runner_watch() -> Callable[[], bool]:
+    """A check that raises SystemFailure once the process that started this prepare is gone:
+    gitlab-runner died, so no run or cleanup will ever come for the VM being booted."""
+    parent = os.getppid()
+
+    def runner_alive() -> bool:
+        if parent > 1 and os.getppid() != parent:
+            raise SystemFailure(
+                f"the runner process that started this prepare (pid {parent}) is gone: "
+                "nobody will use or clean up this job's VM, so it is removed now"
+            )
+        return True
+
+    return runner_alive
+
+
+def _admit(hv: Hypervisor, settings: Settings, image: BaseImage) -> None:
+    """SystemFailure (gitlab-runner retries, maybe elsewhere) when this host cannot hold one more
+    VM now: better than a VM that QEMU pauses on a full pool halfway through the job."""
+    if not settings.admission.enabled:
+        return
+    room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image.virtual_bytes))
+    problems = room.problems()
+    if problems:
+        raise SystemFailure("not starting a job VM on this host now: " + "; ".join(problems))
+
+
+def vm_limits(settings: Settings) -> Limits:
+    """The domain's resource limits from `[limits]` (0 stays 0: no limit)."""
+    lim = settings.limits
+    return Limits(
+        cpu_quota_us=lim.cpu_percent * settings.vm.vcpus * CPU_PERIOD_US // 100,
+        disk_bytes_sec=lim.disk_mbps * 1000 * 1000,
+        disk_iops_sec=lim.disk_iops,
+        net_kib_sec=lim.net_mbit * 1000 * 1000 // 8 // 1024,
     )
 
 
@@ -217,7 +267,7 @@ def _create_vm(
     seed_path = _write_seed(hv, settings, vm, ip, client_public, host_private, host_public, tls, mirrors)
     log.debug("%s: seed written in %.1fs", vm, time.monotonic() - timings.start)
 
-    capacity = max(settings.vm.disk_gib * GIB, image.virtual_bytes)
+    capacity = headroom.vm_disk_bytes(settings, image.virtual_bytes)
     overlay_path = hv.create_volume(
         settings.libvirt.pool, build_overlay_volume(naming.overlay_volume_name(vm), str(image.disk), capacity)
     )
@@ -282,6 +332,7 @@ def _domain_spec(
         nwfilter=settings.libvirt.nwfilter,
         filter_parameters=tuple(netpolicy.filter_parameters(ip, str(settings.gateway), policy)),
         runner_volume=runner_volume,
+        limits=vm_limits(settings),
     )
 
 
@@ -350,12 +401,21 @@ def _extra_cas(settings: Settings) -> str:
         raise ConfigError(f"docker.ca_file: cannot read {settings.docker.ca_file}: {exc}") from None
 
 
-def _wait_for_ssh(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, ip: str, timings: Timings) -> GuestSSH:
+def _wait_for_ssh(
+    hv: Hypervisor,
+    settings: Settings,
+    state: StateDir,
+    vm: str,
+    ip: str,
+    timings: Timings,
+    runner_alive: Callable[[], bool],
+) -> GuestSSH:
     record = running_record(hv, vm)
     key = state.read_client_key(vm)
     last_error: list[str] = []
 
     def attempt() -> GuestSSH | None:
+        runner_alive()
         if not vm_alive(hv, vm):
             raise SystemFailure(f"{vm} stopped while booting")
         try:
@@ -376,15 +436,16 @@ def _wait_for_ssh(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, 
 
 
 def _wait_for_docker(
-    hv: Hypervisor, settings: Settings, state: StateDir, vm: str, ip: str, timings: Timings
+    settings: Settings, state: StateDir, vm: str, ip: str, timings: Timings, alive: Callable[[], bool]
 ) -> GuestDocker:
-    """The VM's dockerd over TCP + mutual TLS once its API answers /_ping."""
+    """The VM's dockerd over TCP + mutual TLS once its API answers /_ping; SystemFailure early
+    if `alive` raises or says the VM is gone."""
     ca, cert, key = state.docker_client_files(vm)
     docker = GuestDocker.connect(ip, TLSFiles(ca, cert, key), timeout=15)
     last_error: list[str] = []
 
     def attempt() -> bool:
-        if not vm_alive(hv, vm):
+        if not alive():
             raise SystemFailure(f"{vm} stopped while dockerd was starting")
         try:
             return docker.ping()

@@ -30,7 +30,7 @@ from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred, signals_raise_interrupted
 from executor.errors import BuildFailure, Interrupted, SystemFailure
-from executor.jobvm.record import running_record, vm_alive
+from executor.jobvm.record import alive_and_answering, running_record
 from executor.stages import hostcache, imagemode
 from executor.stages.config import DRIVER_NAME
 
@@ -64,7 +64,7 @@ def run(
         record = running_record(hv, vm)
         key = state.read_client_key(vm)
         with _connect_for_run(settings, record, key) as ssh:
-            alive = lambda: vm_alive(hv, vm)  # noqa: E731
+            alive = alive_and_answering(hv, settings, vm, ssh)
             say = _job_log(stderr)
             if hostcache.enabled(settings) and stage in hostcache.RESTORE_STAGES:
                 hostcache.restore(settings, job, vm, ssh, say)

@@ -16,6 +16,7 @@ import pytest
 
 from executor.adapters.guest_ssh import CommandResult, GuestSSH, SSHNotReady, _client_key, _host_key
 from executor.adapters.keys import generate_ed25519
+from executor.core.waiting import poll
 from executor.errors import SystemFailure
 
 CLIENT_PRIVATE, _ = generate_ed25519("client")
@@ -183,3 +184,66 @@ def test_upload_streams_what_the_producer_writes_into_the_commands_stdin():
         result = ssh.upload("tar -x", lambda sink: sink.write(payload), timeout=10)
     assert seen["stdin"] == payload and seen["command"] == "tar -x"
     assert result.rc == 3 and result.stderr == "done\n"
+
+
+class _FreezableServer(_ExecServer):
+    """Opens every session it is asked for, until `frozen`: then it answers nothing (its
+    transport thread blocks, as a guest whose kernel stopped), until `thawed`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.thawed = threading.Event(), threading.Event()
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if self.frozen.is_set():
+            self.thawed.wait(30)
+        return paramiko.OPEN_SUCCEEDED
+
+
+def _freezable_peer() -> tuple[int, _FreezableServer]:
+    server = _FreezableServer()
+
+    def ssh_server(conn: socket.socket) -> None:
+        transport = paramiko.Transport(conn)
+        transport.add_server_key(paramiko.Ed25519Key.from_private_key(io.StringIO(PINNED_PRIVATE)))
+        try:
+            transport.start_server(server=server)
+            while transport.is_active():
+                chan = transport.accept(1)
+                if chan is not None:
+                    chan.close()
+        except (paramiko.SSHException, EOFError, OSError):
+            pass
+        finally:
+            transport.close()
+
+    return _serve_once(ssh_server), server
+
+
+def test_probe_times_a_session_open_and_a_frozen_peer_gives_none():
+    port, server = _freezable_peer()
+    try:
+        with _connect(port) as ssh:
+            took = ssh.probe(timeout=5)
+            assert took is not None and 0 <= took < 5
+            server.frozen.set()
+            started = time.monotonic()
+            assert ssh.probe(timeout=0.5) is None
+            assert 0.4 < time.monotonic() - started < 3
+    finally:
+        server.thawed.set()
+
+
+def test_watch_keeps_silence_short_while_the_peer_answers_and_lets_it_grow_once_frozen():
+    port, server = _freezable_peer()
+    try:
+        with _connect(port) as ssh:
+            ssh.watch(0.1)
+            # answered probes keep the silence near the interval
+            assert poll(lambda: ssh.silent_for() < 0.3, 5, interval=0.05)
+            server.frozen.set()
+            assert poll(lambda: ssh.silent_for() > 1.0, 5, interval=0.05)
+            server.thawed.set()  # the pending probe is answered, and the next ones
+            assert poll(lambda: ssh.silent_for() < 0.3, 5, interval=0.05)
+    finally:
+        server.thawed.set()

@@ -92,6 +92,7 @@ def test_healthy_host_passes_every_check(hv, tmp_path):
         *kvm_device,
         "storage pool",
         "disk space",
+        "headroom",
         "network",
         "network policy",
         "base image",
@@ -172,6 +173,7 @@ def test_missing_pool_and_network_fail(hv, tmp_path):
     checks = by_name(doctor(str(tmp_path / "config.toml")))
     assert checks["storage pool"].ok is False and checks["storage pool"].fix == "libvirt-executor setup"
     assert checks["disk space"].ok is None
+    assert checks["headroom"].ok is None and "does not exist" in checks["headroom"].detail
     assert checks["network"].ok is False and "does not exist" in checks["network"].detail
 
 
@@ -179,6 +181,38 @@ def test_too_little_disk_space_fails(hv, tmp_path):
     fake_image(tmp_path / "image")
     checks = by_name(doctor(write_config(tmp_path, extra="[vm]\ndisk_gib = 4000\n")))
     assert checks["disk space"].ok is False and "less than one job's disk" in checks["disk space"].detail
+    headroom = checks["headroom"]
+    assert headroom.ok is False
+    assert headroom.detail.startswith("prepare refuses jobs now: the storage pool has 100.0 GiB free")
+    assert "a new job's disk may grow to 4000.0 GiB" in headroom.detail
+
+
+def test_headroom_counts_the_jobs_that_fit_and_the_disks_already_in_the_pool(hv, tmp_path, monkeypatch):
+    fake_image(tmp_path / "image")
+    # The host's memory is what it is; stand in for a roomy one so that the pool decides.
+    monkeypatch.setattr(hostinfo, "memory_available", lambda: 64 * 1024**3)
+    checks = by_name(doctor(write_config(tmp_path)))
+    # libvirt's test pool: 100 GiB free; (100 - 2) // 20
+    assert checks["headroom"].ok is True
+    assert checks["headroom"].detail.startswith("room for 4 more job VM(s) now: pool 100.0 GiB free, 0.0 GiB")
+    overlay = (
+        "<volume><name>lvx-job-1-disk.qcow2</name><capacity unit='GiB'>60</capacity>"
+        "<allocation unit='GiB'>1</allocation><target><format type='qcow2'/></target></volume>"
+    )
+    hv._conn.storagePoolLookupByName("default-pool").createXML(overlay, 0)
+    checks = by_name(doctor(write_config(tmp_path)))
+    assert "room for 1 more job VM(s) now" in checks["headroom"].detail
+    assert "59.0 GiB of it promised to existing disks" in checks["headroom"].detail
+
+
+def test_too_little_memory_fails_headroom_unless_admission_is_off(hv, tmp_path, monkeypatch):
+    fake_image(tmp_path / "image")
+    monkeypatch.setattr(hostinfo, "memory_available", lambda: 1024 * 1024**2)  # a busy host
+    checks = by_name(doctor(write_config(tmp_path)))
+    assert checks["headroom"].ok is False
+    assert "the host has 1024 MiB of memory available, a job VM needs 2048 MiB" in checks["headroom"].detail
+    off = by_name(doctor(write_config(tmp_path, extra="[admission]\nenabled = false\n")))
+    assert off["headroom"].ok is True and "admission control is off" in off["headroom"].detail
 
 
 class _Registry(http.server.BaseHTTPRequestHandler):

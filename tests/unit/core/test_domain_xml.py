@@ -9,6 +9,8 @@ import pytest
 
 from executor.core import naming
 from executor.core.domain_xml import (
+    CPU_PERIOD_US,
+    Limits,
     build_dir_pool,
     build_domain,
     build_metadata,
@@ -43,7 +45,10 @@ def make_driver_spec(driver_spec_factory):
 
 @pytest.fixture
 def kvm_spec(make_spec, make_record):
-    return make_spec(record=make_record(accel="kvm"), domain_type="kvm", nwfilter="clean-traffic")
+    return make_spec(record=make_record(accel="kvm"), domain_type="kvm", nwfilter="clean-traffic", limits=LIMITS)
+
+
+LIMITS = Limits(cpu_quota_us=200_000, disk_bytes_sec=200_000_000, disk_iops_sec=5000, net_kib_sec=12207)
 
 
 @pytest.fixture
@@ -117,6 +122,32 @@ def test_the_runner_volume_is_a_third_read_only_disk_found_by_its_serial(tcg_spe
     assert runner.find("source").get("file") == "/pool/lvx-runner-ab.iso"
     assert runner.find("target").get("dev") == "vdc" and runner.findtext("serial") == "lvx-runner"
     assert runner.find("readonly") is not None and runner.find("driver").get("type") == "raw"
+
+
+def test_limits_cap_the_whole_domain_its_job_disk_and_its_interface(kvm_spec):
+    dom = ET.fromstring(build_domain(kvm_spec))
+    assert dom.findtext("cputune/global_period") == str(CPU_PERIOD_US)
+    assert dom.findtext("cputune/global_quota") == "200000"
+    job_disk, seed = dom.findall("devices/disk")[:2]
+    assert {el.tag: el.text for el in job_disk.find("iotune")} == {
+        "read_bytes_sec": "200000000",
+        "write_bytes_sec": "200000000",
+        "read_iops_sec": "5000",
+        "write_iops_sec": "5000",
+    }
+    assert seed.find("iotune") is None  # read-only and a few KiB
+    bandwidth = dom.find("devices/interface/bandwidth")
+    assert [(el.tag, el.get("average")) for el in bandwidth] == [("inbound", "12207"), ("outbound", "12207")]
+
+
+def test_a_limit_of_zero_leaves_its_element_out(tcg_spec):
+    unlimited = ET.fromstring(build_domain(tcg_spec))
+    assert unlimited.find("cputune") is None
+    assert unlimited.find("devices/disk/iotune") is None
+    assert unlimited.find("devices/interface/bandwidth") is None
+    disk_only = ET.fromstring(build_domain(dataclasses.replace(tcg_spec, limits=Limits(disk_iops_sec=100))))
+    assert [el.tag for el in disk_only.find("devices/disk/iotune")] == ["read_iops_sec", "write_iops_sec"]
+    assert disk_only.find("cputune") is None
 
 
 def test_overlay_names_its_backing_format():
@@ -218,6 +249,15 @@ def test_libvirt_test_driver_accepts_the_domain(hv, nwfilter, make_driver_spec):
     info = hv.domain(spec.name)
     assert info is not None and info.state == "running"
     assert parse_job_record(info.metadata) == spec.record
+
+
+def test_libvirt_test_driver_accepts_the_limits(hv, make_driver_spec):
+    spec = make_driver_spec(limits=LIMITS)
+    hv.define_and_start(build_domain(spec))
+    defined = ET.fromstring(hv._conn.lookupByName(spec.name).XMLDesc(0))
+    assert defined.findtext("cputune/global_quota") == "200000"
+    assert defined.findtext("devices/disk/iotune/write_bytes_sec") == "200000000"
+    assert defined.find("devices/interface/bandwidth/inbound").get("average") == "12207"
 
 
 def test_libvirt_test_driver_accepts_hostile_metadata(hv, make_record, make_driver_spec):

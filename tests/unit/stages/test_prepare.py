@@ -10,15 +10,21 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
 
 from executor.adapters.hypervisor import Hypervisor
 from executor.adapters.statedir import StateDir
+from executor.core.domain_xml import Limits
 from executor.core.jobenv import Job
-from executor.core.settings import ImageSettings, RunnerSettings, Settings, VMSettings
+from executor.core.settings import AdmissionSettings, ImageSettings, LimitSettings, RunnerSettings, Settings, VMSettings
+from executor.core.waiting import poll
 from executor.errors import ConfigError, Interrupted, SystemFailure
 from executor.stages import prepare as prepare_stage
 from tests.unit.conftest import make_driver_spec
@@ -83,7 +89,7 @@ def test_sigterm_while_the_vm_boots_destroys_it_and_everything_else(hv, settings
 
     seen = {}
 
-    def sigterm_during_boot(hv_, settings_, state, vm, ip, timings):
+    def sigterm_during_boot(hv_, settings_, state, vm, ip, timings, runner_alive):
         seen["running"] = [d.name for d in hv_.domains() if d.active]
         seen["left"] = left_on_host(hv_, settings_)
         raise Interrupted("SIGTERM")
@@ -102,6 +108,81 @@ def test_a_config_that_disagrees_with_the_image_is_refused_before_anything_is_ma
     with pytest.raises(ConfigError, match="vm.user = 'builder', but the image .* was built with 'runner'"):
         prepare_stage.prepare(other, JOB)
     assert left_on_host(hv, other) == {}
+
+
+def test_a_pool_too_small_for_the_job_disk_is_refused_before_anything_is_made(hv, settings):
+    huge = dataclasses.replace(settings, vm=VMSettings(disk_gib=4096))
+    with pytest.raises(SystemFailure) as refused:
+        prepare_stage.prepare(huge, JOB, out=lambda line: None)
+    assert str(refused.value).startswith(
+        "not starting a job VM on this host now: the storage pool has 100.0 GiB free, "
+        "the running jobs' disks may still grow by 0.0 GiB, and a new job's disk may grow to 4096.0 GiB"
+    )
+    assert left_on_host(hv, huge) == {}
+    # With admission off the same job gets as far as the test driver lets it (the seed upload).
+    unchecked = dataclasses.replace(huge, admission=AdmissionSettings(enabled=False))
+    with pytest.raises(SystemFailure, match="uploading volume"):
+        prepare_stage.prepare(unchecked, JOB, out=lambda line: None)
+    assert left_on_host(hv, unchecked) == {}
+
+
+def test_the_domain_limits_come_from_the_limits_section(settings):
+    # defaults: each of the 2 vCPUs one core, 200 MB/s and 5000 IOPS each way, no network cap
+    assert prepare_stage.vm_limits(settings) == Limits(200_000, 200_000_000, 5000, 0)
+    custom = dataclasses.replace(
+        settings,
+        vm=VMSettings(vcpus=4),
+        limits=LimitSettings(cpu_percent=50, disk_mbps=0, disk_iops=0, net_mbit=100),
+    )
+    assert prepare_stage.vm_limits(custom) == Limits(200_000, 0, 0, 12207)
+
+
+ORPHAN = textwrap.dedent(
+    """
+    import sys, time
+    from executor.errors import SystemFailure
+    from executor.stages.prepare import _runner_watch
+    runner_alive = _runner_watch()
+    print("watching", flush=True)
+    for _ in range(200):
+        try:
+            runner_alive()
+        except SystemFailure as exc:
+            print(exc, flush=True)
+            sys.exit(0)
+        time.sleep(0.1)
+    print("never noticed", flush=True)
+    """
+)
+
+
+def test_a_prepare_whose_runner_process_dies_notices(tmp_path):
+    # A real process tree: "runner" starts "prepare" and is killed; prepare is re-parented.
+    out = tmp_path / "prepare.out"
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+            "stdout=open(sys.argv[2], 'w')); time.sleep(60)",
+            ORPHAN,
+            str(out),
+        ]
+    )
+    lines = lambda: out.read_text().splitlines() if out.exists() else []  # noqa: E731
+    try:
+        assert poll(lambda: lines() == ["watching"], 10, interval=0.1)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        assert poll(lambda: len(lines()) > 1, 10, interval=0.1)
+    finally:
+        runner.kill()
+        runner.wait()
+    said = lines()[1]
+    assert said == (
+        f"the runner process that started this prepare (pid {runner.pid}) is gone: "
+        "nobody will use or clean up this job's VM, so it is removed now"
+    )
 
 
 def _loopback_mirror_settings(tmp_settings, port: int) -> Settings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -46,11 +47,19 @@ class FakeHypervisor:
 class FakeSSH:
     """The remote shell: records what it was asked to run, answers with `status` or `error`."""
 
-    def __init__(self, status: int | None = 0, error: Exception | None = None) -> None:
+    def __init__(self, status: int | None = 0, error: Exception | None = None, silent_for: float = 0.0) -> None:
         self.status, self.error, self.streams = status, error, []
+        self.silence, self.watched = silent_for, []
+
+    def watch(self, interval):
+        self.watched.append(interval)
+
+    def silent_for(self):
+        return self.silence
 
     def stream(self, command, stdin, stdout, stderr, still_alive):
         self.streams.append((command, stdin))
+        assert self.watched  # probing began before the script
         assert still_alive() is True
         if self.error:
             raise self.error
@@ -132,3 +141,25 @@ def test_a_vm_that_is_not_running_is_a_system_failure_before_any_ssh(stage):
     with pytest.raises(SystemFailure, match="not running"):
         call()
     assert ssh["fake"].streams == []
+
+
+def test_a_guest_that_stops_answering_is_a_system_failure_with_its_console(stage, tmp_settings):
+    call, ssh, _ = stage
+    console = tmp_settings.paths.console_log_dir
+    Path(console).mkdir(parents=True, exist_ok=True)
+    (Path(console) / f"{VM}.console.log").write_bytes(b"boot\nrcu: rcu_preempt kthread starved\x1b[0m\n")
+    ssh["fake"] = FakeSSH(silent_for=61.0)
+    with pytest.raises(SystemFailure) as info:
+        call()
+    assert not isinstance(info.value, BuildFailure)
+    assert str(info.value) == (
+        f"the job's VM {VM} stopped responding: no answer over SSH for 61 s (timeouts.unresponsive = 60); "
+        "its console's last lines:\nboot\nrcu: rcu_preempt kthread starved[0m"
+    )
+
+
+def test_a_slow_guest_within_the_limit_is_left_alone(stage):
+    call, ssh, _ = stage
+    ssh["fake"] = FakeSSH(silent_for=59.0)
+    out, _ = call()
+    assert out == b"script output\n"

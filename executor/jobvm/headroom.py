@@ -1,0 +1,27 @@
+"""How much room this host has for job VMs now, measured for prepare's admission check and for
+`doctor`."""
+
+from __future__ import annotations
+
+from executor.adapters import hostinfo
+from executor.adapters.hypervisor import Hypervisor
+from executor.core.admission import MIB, Headroom, committed_growth
+from executor.core.settings import GIB, Settings
+
+
+def vm_disk_bytes(settings: Settings, image_virtual_bytes: int = 0) -> int:
+    """The most a job's overlay can grow to: its virtual size (the image's, if that is larger)."""
+    return max(settings.vm.disk_gib * GIB, image_virtual_bytes)
+
+
+def measure(hv: Hypervisor, settings: Settings, vm_disk: int) -> Headroom:
+    pool = settings.libvirt.pool
+    return Headroom(
+        pool_free=hv.pool_free_bytes(pool),
+        pool_committed=committed_growth(hv.pool_volume_sizes(pool)),
+        vm_disk=vm_disk,
+        pool_margin=int(settings.admission.pool_margin_gib * GIB),
+        memory_available=hostinfo.memory_available(),
+        vm_memory=settings.vm.memory_mib * MIB,
+        memory_margin=settings.admission.memory_margin_mib * MIB,
+    )

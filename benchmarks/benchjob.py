@@ -1,5 +1,5 @@
-"""What the registry-using benchmarks share (prepare_bench, mirror_bench, dind_bench): a config
-derived from the host's, and one prepared job that is always cleaned up."""
+"""What the benchmarks that go through the executor share (prepare, mirror, dind, liveness): a
+config derived from the host's, and one prepared job that is always cleaned up."""
 
 from __future__ import annotations
 
@@ -19,24 +19,29 @@ def bench_config(
     host_config: str,
     path: Path,
     prefix: str,
-    registry: str,
+    registry: str = "",
     docker: Mapping[str, Any] | None = None,
     mirror: MirrorSettings | None = None,
+    **sections: Any,
 ) -> Path:
     """The host config at `path` with the VM name prefix `prefix`, a console dir beside `path`,
     the executor's network policy, and the bench registry `registry` (host:port on the VM
-    network) open to VMs and allowed over plain HTTP; plus these [docker] keys and [mirror]
-    section (the host's otherwise)."""
+    network, if any) open to VMs and allowed over plain HTTP; plus these [docker] keys, [mirror]
+    section and other whole sections (the host's otherwise)."""
     host = load_settings(host_config)
-    port = int(registry.rsplit(":", 1)[1])
+    network, insecure = host.network, host.docker.insecure_registries
+    if registry:
+        network = dataclasses.replace(host.network, allow_host_ports=(int(registry.rsplit(":", 1)[1]),))
+        insecure = (registry,)
     settings = dataclasses.replace(
         host,
         libvirt=dataclasses.replace(host.libvirt, nwfilter=FILTER_NAME),
         vm=dataclasses.replace(host.vm, name_prefix=prefix),
         paths=dataclasses.replace(host.paths, console_log_dir=str(path.parent / "console")),
-        network=dataclasses.replace(host.network, allow_host_ports=(port,)),
-        docker=dataclasses.replace(host.docker, insecure_registries=(registry,), **(docker or {})),
+        network=network,
+        docker=dataclasses.replace(host.docker, insecure_registries=insecure, **(docker or {})),
         mirror=mirror or host.mirror,
+        **sections,
     )
     path.write_text(settings_toml(settings))
     return path

@@ -51,12 +51,15 @@ def write_test_config(
     docker: str = "",
     mirror: str = "enabled = false",
     extra: str = "",
+    vm: str = "",
+    timeouts: str = "",
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
     console-log dir, and the executor's network policy (nwfilter lvx-job, whatever the host's
     config says) with these host ports and networks open. No registry mirror unless `mirror`
-    (the [mirror] section's lines) says so; `extra` is appended (more sections)."""
+    (the [mirror] section's lines) says so; `vm` and `timeouts` are added to those sections
+    and `extra` is appended (more sections)."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -77,12 +80,14 @@ dir = "{s.image.dir}"
 name_prefix = "{prefix}"
 vcpus = 1
 memory_mib = 1024
+{vm}
 
 [timeouts]
 boot = 300
 docker = 240
 cleanup = 60
 expiry_margin = {expiry_margin}
+{timeouts}
 
 [paths]
 state_dir = "{s.paths.state_dir}"

@@ -52,7 +52,11 @@ def small_pool(host_settings):
 
 
 def test_a_job_filling_the_pool_is_a_system_failure_not_a_hang(host_settings, tmp_path, small_pool, leftovers):
-    config = write_test_config(host_settings, tmp_path / "cfg", "lvxfull", pool=small_pool)
+    # Admission control would refuse a job this pool cannot hold; here the point is that one
+    # that got through anyway (a pool filled by something else) is caught.
+    config = write_test_config(
+        host_settings, tmp_path / "cfg", "lvxfull", pool=small_pool, extra="[admission]\nenabled = false\n"
+    )
     sim = RunnerSim(config, tmp_path / "runner", JOB_ID)
     try:
         prepared = sim.prepare()

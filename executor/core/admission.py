@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from executor.core.settings import GIB
+
 MIB = 1024**2
-GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,10 @@ class Headroom:
                 f"grow by {self.pool_committed / GIB:.1f} GiB, and a new job's disk may grow to "
                 f"{self.vm_disk / GIB:.1f} GiB (+ {self.pool_margin / GIB:.1f} GiB admission.pool_margin_gib)"
             )
-        if self.memory_available is not None and self.memory_available - self.memory_margin < self.vm_memory:
+        memory_spare = self.memory_spare
+        if memory_spare is not None and memory_spare < self.vm_memory:
             found.append(
-                f"the host has {self.memory_available / MIB:.0f} MiB of memory available, a job VM needs "
+                f"the host has {(memory_spare + self.memory_margin) / MIB:.0f} MiB of memory available, a job VM needs "
                 f"{self.vm_memory / MIB:.0f} MiB (+ {self.memory_margin / MIB:.0f} MiB admission.memory_margin_mib)"
             )
         return found

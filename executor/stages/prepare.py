@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DOCKER_TLS_DIR = "/etc/docker/tls"  # where the image's init puts the seed's TLS files
 MIRROR_PROBE_S = 2.0  # the mirror is on this host: it answers in milliseconds or not at all
+ADMISSION_LOCK_WAIT_S = 60.0  # held by others only for a check and a qcow2 creation each
 
 
 @dataclass
@@ -89,7 +90,7 @@ def prepare(
             with signals_raise_interrupted():
                 # A failed earlier attempt whose cleanup timed out may have left debris.
                 teardown(hv, settings, state, vm)
-                _admit(hv, settings, image)
+                _admit(hv, settings, image)  # early: a refusal costs nothing; again at the disk
                 choice = choose_accel(settings, hv)
                 log.info("preparing %s (%s: %s)", vm, choice.accel, choice.reason)
                 policy = network_policy(settings, job)
@@ -268,9 +269,13 @@ def _create_vm(
     log.debug("%s: seed written in %.1fs", vm, time.monotonic() - timings.start)
 
     capacity = headroom.vm_disk_bytes(settings, image.virtual_bytes)
-    overlay_path = hv.create_volume(
-        settings.libvirt.pool, build_overlay_volume(naming.overlay_volume_name(vm), str(image.disk), capacity)
-    )
+    with state.admission_lock(ADMISSION_LOCK_WAIT_S):
+        # Again, now that no other prepare can come between the check and this disk's creation
+        # (from then on its room counts as promised).
+        _admit(hv, settings, image)
+        overlay_path = hv.create_volume(
+            settings.libvirt.pool, build_overlay_volume(naming.overlay_volume_name(vm), str(image.disk), capacity)
+        )
     timings.mark("cloned")
 
     console = console_log(settings, vm)

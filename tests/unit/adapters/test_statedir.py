@@ -296,3 +296,24 @@ def test_locked_vms_lists_lock_files(state):
     state.remove_lock_file("lvx-job-2")
     state.remove_lock_file("lvx-job-2")  # idempotent
     assert state.locked_vms() == []
+
+
+def _hold_admission(root: str, ready, release) -> None:
+    with StateDir(root).admission_lock(timeout=5):
+        ready.set()
+        release.wait(10)
+
+
+def test_the_admission_lock_is_one_for_all_prepares_and_times_out_with_the_reason(state):
+    ready, release = CTX.Event(), CTX.Event()
+    holder = _start(_hold_admission, str(state.root), ready, release)
+    try:
+        assert ready.wait(5)
+        with pytest.raises(SystemFailure, match="another prepare has been checking the host's room for a VM"):
+            with state.admission_lock(timeout=0.3):
+                pytest.fail("got the admission lock another process holds")
+    finally:
+        release.set()
+        holder.join(5)
+    with state.admission_lock(timeout=5):  # free again once the holder let go
+        pass

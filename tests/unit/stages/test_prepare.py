@@ -126,6 +126,28 @@ def test_a_pool_too_small_for_the_job_disk_is_refused_before_anything_is_made(hv
     assert left_on_host(hv, unchecked) == {}
 
 
+def test_a_disk_made_by_a_concurrent_prepare_meanwhile_is_counted_at_the_second_check(hv, settings, monkeypatch):
+    # The test pool has 100 GiB: room for one 50 GiB disk, so the early check passes. Another
+    # job's prepare creates its disk while this one writes its seed (stands in for the race).
+    sized = dataclasses.replace(settings, vm=VMSettings(disk_gib=50))
+    other_disk = (
+        "<volume><name>lvx-job-9-disk.qcow2</name><capacity unit='GiB'>50</capacity>"
+        "<allocation unit='GiB'>1</allocation><target><format type='qcow2'/></target></volume>"
+    )
+    monkeypatch.setattr(
+        Hypervisor, "upload_volume", lambda self, pool, name, data: hv.create_volume(POOL, other_disk) and None
+    )
+
+    def admitted(*args):
+        raise AssertionError("admitted although the other job's disk left no room")
+
+    monkeypatch.setattr(prepare_stage, "_wait_for_ssh", admitted)  # and never touch the network
+    with pytest.raises(SystemFailure, match="the running jobs' disks may still grow by 49.0 GiB"):
+        prepare_stage.prepare(sized, JOB, out=lambda line: None)
+    assert left_on_host(hv, sized) == {}  # its seed, address and key were rolled back
+    assert hv.volume_names(POOL) == ["lvx-job-9-disk.qcow2"]
+
+
 def test_the_domain_limits_come_from_the_limits_section(settings):
     # defaults: each of the 2 vCPUs one core, 200 MB/s and 5000 IOPS each way, no network cap
     assert prepare_stage.vm_limits(settings) == Limits(200_000, 200_000_000, 5000, 0)

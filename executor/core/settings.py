@@ -160,9 +160,9 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    """Prepare refuses a job (a system failure: gitlab-runner retries it, maybe on another
-    runner) when this host cannot hold one more VM, rather than starting one that QEMU would
-    pause on a full pool later."""
+    """Prepare refuses a job (a system failure: gitlab-runner retries prepare, then the job's
+    `retry: when: runner_system_failure` may send it to another runner) when this host cannot
+    hold one more VM, rather than starting one that QEMU would pause on a full pool later."""
 
     enabled: bool = True
     pool_margin_gib: float = 2.0  # free pool space kept beyond every VM's worst-case growth

@@ -120,6 +120,26 @@ class Hypervisor:
                     raise _failure("reading a domain", exc) from None
         return infos
 
+    def running_memory(self) -> list[tuple[int, int]]:
+        """(memory, resident) in bytes of every running domain: what its guest may use, and what
+        its QEMU holds now (0 when libvirt cannot tell: the whole memory counts as still to come)."""
+        try:
+            doms = self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            raise _failure("listing domains", exc) from None
+        sizes = []
+        for dom in doms:
+            try:
+                memory_kib = int(dom.info()[1])
+            except libvirt.libvirtError:
+                continue  # gone since the listing
+            try:
+                resident_kib = int(dom.memoryStats().get("rss", 0))
+            except libvirt.libvirtError:
+                resident_kib = 0
+            sizes.append((memory_kib * 1024, resident_kib * 1024))
+        return sizes
+
     def define_and_start(self, xml: str) -> None:
         """Define a persistent domain and start it. On a start failure the definition stays for
         the caller's rollback to remove (it knows the name and cleans up volumes too)."""

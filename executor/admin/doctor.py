@@ -333,7 +333,12 @@ def _check_headroom(settings: Settings, hv: Hypervisor) -> Check:
         room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image_bytes))
     except (ConfigError, SystemFailure) as exc:
         return Check("headroom", None, f"cannot measure: {exc}")
-    memory = "unknown" if room.memory_available is None else f"{room.memory_available / 2**20:.0f} MiB"
+    memory = (
+        "unknown"
+        if room.memory_available is None
+        else f"{room.memory_available / 2**20:.0f} MiB, {room.memory_committed / 2**20:.0f} MiB of it promised to "
+        "running VMs"
+    )
     detail = (
         f"pool {room.pool_free / GIB:.1f} GiB free, {room.pool_committed / GIB:.1f} GiB of it promised to "
         f"existing disks; memory available {memory}"

@@ -1,5 +1,6 @@
-"""Whether this host can hold one more job VM: free pool space against every VM's worst-case
-disk growth, and available memory against the new VM's memory. Pure: the adapters measure."""
+"""Whether this host can hold one more job VM: free pool space against the disks' worst-case
+growth, and available memory against the new VM's memory and what the running VMs have not
+touched yet. Pure: the adapters measure."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Headroom:
     vm_disk: int  # the new VM's worst case: its overlay's virtual size
     pool_margin: int
     memory_available: int | None  # the kernel's MemAvailable; None: unknown, not checked
+    memory_committed: int  # what the running VMs' guests may still take beyond what they hold
     vm_memory: int
     memory_margin: int
 
@@ -27,7 +29,9 @@ class Headroom:
 
     @property
     def memory_spare(self) -> int | None:
-        return None if self.memory_available is None else self.memory_available - self.memory_margin
+        if self.memory_available is None:
+            return None
+        return self.memory_available - self.memory_committed - self.memory_margin
 
     def problems(self) -> list[str]:
         """Why one more VM does not fit; empty when it does."""
@@ -41,7 +45,8 @@ class Headroom:
         memory_spare = self.memory_spare
         if memory_spare is not None and memory_spare < self.vm_memory:
             found.append(
-                f"the host has {(memory_spare + self.memory_margin) / MIB:.0f} MiB of memory available, a job VM needs "
+                f"the host has {(self.memory_available or 0) / MIB:.0f} MiB of memory available, the running VMs "
+                f"may still take {self.memory_committed / MIB:.0f} MiB of it, and a job VM needs "
                 f"{self.vm_memory / MIB:.0f} MiB (+ {self.memory_margin / MIB:.0f} MiB admission.memory_margin_mib)"
             )
         return found
@@ -54,10 +59,11 @@ class Headroom:
         return max(0, min(by_disk, self.memory_spare // self.vm_memory))
 
 
-def committed_growth(volumes: list[tuple[int, int]]) -> int:
-    """What the pool's volumes, as (capacity, allocation) pairs, may still take: a copy-on-write
-    overlay grows up to its virtual size as its guest writes."""
-    return sum(max(0, capacity - allocation) for capacity, allocation in volumes)
+def still_to_grow(sizes: list[tuple[int, int]]) -> int:
+    """What things of a (most, now) size may still take together: a copy-on-write overlay grows
+    to its virtual size as its guest writes, a QEMU to its guest's memory as the guest touches
+    it (a QEMU above its guest's memory, by its own overhead, takes nothing more)."""
+    return sum(max(0, most - now) for most, now in sizes)
 
 
 def mem_available(meminfo: str) -> int | None:

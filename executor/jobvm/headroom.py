@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from executor.adapters import hostinfo
 from executor.adapters.hypervisor import Hypervisor
-from executor.core.admission import MIB, Headroom, committed_growth
+from executor.core.admission import MIB, Headroom, still_to_grow
 from executor.core.settings import GIB, Settings
 
 
@@ -18,10 +18,11 @@ def measure(hv: Hypervisor, settings: Settings, vm_disk: int) -> Headroom:
     pool = settings.libvirt.pool
     return Headroom(
         pool_free=hv.pool_free_bytes(pool),
-        pool_committed=committed_growth(hv.pool_volume_sizes(pool)),
+        pool_committed=still_to_grow(hv.pool_volume_sizes(pool)),
         vm_disk=vm_disk,
         pool_margin=int(settings.admission.pool_margin_gib * GIB),
         memory_available=hostinfo.memory_available(),
+        memory_committed=still_to_grow(hv.running_memory()),
         vm_memory=settings.vm.memory_mib * MIB,
         memory_margin=settings.admission.memory_margin_mib * MIB,
     )

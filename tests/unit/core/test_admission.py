@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from executor.core.admission import MIB, Headroom, committed_growth, mem_available
+from executor.core.admission import MIB, Headroom, mem_available, still_to_grow
 from executor.core.settings import GIB
 
 
@@ -15,6 +15,7 @@ def room(**overrides) -> Headroom:
         "vm_disk": 20 * GIB,
         "pool_margin": 2 * GIB,
         "memory_available": 8192 * MIB,
+        "memory_committed": 0,
         "vm_memory": 2048 * MIB,
         "memory_margin": 256 * MIB,
     }
@@ -49,7 +50,8 @@ def test_memory_below_the_vm_plus_the_margin_is_refused_and_both_problems_are_sa
     problems = both.problems()
     assert len(problems) == 2
     assert problems[1] == (
-        "the host has 2048 MiB of memory available, a job VM needs 2048 MiB (+ 256 MiB admission.memory_margin_mib)"
+        "the host has 2048 MiB of memory available, the running VMs may still take 0 MiB of it, "
+        "and a job VM needs 2048 MiB (+ 256 MiB admission.memory_margin_mib)"
     )
     assert room(memory_available=2304 * MIB).problems() == []
 
@@ -60,10 +62,22 @@ def test_unknown_memory_is_not_held_against_the_job():
     assert unknown.jobs_that_fit() == 4  # disk alone
 
 
-def test_committed_growth_is_what_each_volume_may_still_take():
+def test_still_to_grow_is_what_each_disk_or_vm_may_still_take():
     # an overlay at 1 of 20 GiB, a full raw seed, and qcow2 metadata beyond the virtual size
-    assert committed_growth([(20 * GIB, GIB), (4096, 4096), (GIB, GIB + 65536)]) == 19 * GIB
-    assert committed_growth([]) == 0
+    assert still_to_grow([(20 * GIB, GIB), (4096, 4096), (GIB, GIB + 65536)]) == 19 * GIB
+    # a fresh VM's QEMU holding 300 MiB of 2 GiB; one above its guest's memory (TCG's code cache)
+    assert still_to_grow([(2048 * MIB, 300 * MIB), (1024 * MIB, 1078 * MIB)]) == 1748 * MIB
+    assert still_to_grow([]) == 0
+
+
+def test_memory_the_running_vms_have_not_touched_yet_is_not_available():
+    crowded = room(memory_available=6144 * MIB, memory_committed=4000 * MIB)
+    (problem,) = crowded.problems()
+    assert problem == (
+        "the host has 6144 MiB of memory available, the running VMs may still take 4000 MiB of it, "
+        "and a job VM needs 2048 MiB (+ 256 MiB admission.memory_margin_mib)"
+    )
+    assert room(memory_available=6304 * MIB, memory_committed=4000 * MIB).problems() == []
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from executor.errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/libvirt-executor/config.toml"
 CONFIG_PATH_ENV = "LIBVIRT_EXECUTOR_CONFIG"
 GIB = 1024**3
+MIN_UNRESPONSIVE_S = 15.0  # three of jobvm.record's 5 s probe intervals
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
@@ -299,6 +300,11 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_mirror(s.mirror, problems)
     _check_runner_and_cache(s, problems)
     _check_limits(s, problems)
+    if math.isfinite(s.timeouts.unresponsive) and 0 < s.timeouts.unresponsive < MIN_UNRESPONSIVE_S:
+        problems.append(
+            f"timeouts.unresponsive: must be at least {MIN_UNRESPONSIVE_S:g} (the VM is probed every 5 s), "
+            f"got {s.timeouts.unresponsive:g}"
+        )
 
 
 def _check_limits(s: Settings, problems: list[str]) -> None:

@@ -125,6 +125,7 @@ def test_network_and_gateway_come_from_the_subnet():
         ('[docker]\nregistry_mirrors = "http://m"', "docker.registry_mirrors", "expected a list of strings"),
         ("[docker]\ninsecure_registries = [1, 2]", "docker.insecure_registries", "expected a list of strings"),
         ("[timeouts]\nunresponsive = 0", "timeouts.unresponsive", "must be positive"),
+        ("[timeouts]\nunresponsive = 10", "timeouts.unresponsive", "at least 15 (the VM is probed every 5 s)"),
         ("[limits]\ncpu_percent = 5", "limits.cpu_percent", "below 10 a VM cannot boot in time"),
         ("[limits]\ncpu_percent = -1", "limits.cpu_percent", "between 0 (no limit) and 1000"),
         ("[limits]\ndisk_mbps = 1.5", "limits.disk_mbps", "expected an integer"),

@@ -112,9 +112,18 @@ def prepare(
                     with _wait_for_docker(settings, state, vm, ip, timings, alive) as docker:
                         if plan is not None:
                             imagemode.start(
-                                settings, job, plan, docker, ssh, vm, credentials(), _lifetime(settings, job), out
+                                settings,
+                                job,
+                                plan,
+                                docker,
+                                ssh,
+                                vm,
+                                credentials(),
+                                _lifetime(settings, job),
+                                _checking(out, alive),
                             )
                             timings.mark("containers")
+                    runner_alive()  # a VM handed to nobody would wait for reap
         except BaseException as exc:
             _roll_back(settings, state, vm, exc)
             raise
@@ -142,6 +151,18 @@ def _runner_watch() -> Callable[[], bool]:
         return True
 
     return runner_alive
+
+
+def _checking(out: Callable[[str], None], alive: Callable[[], bool]) -> Callable[[str], None]:
+    """`out` that first checks `alive`: image mode says something at every step and pull, so a
+    dead runner or a silent VM ends a long pull at its next line."""
+
+    def say(line: str) -> None:
+        if not alive():
+            raise SystemFailure("the job's VM stopped while its images were being pulled and started")
+        out(line)
+
+    return say
 
 
 def _admit(hv: Hypervisor, settings: Settings, image: BaseImage) -> None:

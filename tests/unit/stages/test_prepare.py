@@ -148,6 +148,26 @@ def test_a_disk_made_by_a_concurrent_prepare_meanwhile_is_counted_at_the_second_
     assert hv.volume_names(POOL) == ["lvx-job-9-disk.qcow2"]
 
 
+def test_image_mode_lines_check_the_runner_and_the_vm_first():
+    said: list[str] = []
+    state = {"alive": True}
+
+    def alive() -> bool:
+        if state["alive"] is None:
+            raise SystemFailure("the runner process that started this prepare (pid 7) is gone")
+        return state["alive"]
+
+    say = prepare_stage._checking(said.append, alive)
+    say("Pulling docker image alpine ...")
+    state["alive"] = False
+    with pytest.raises(SystemFailure, match="the job's VM stopped while its images were being pulled"):
+        say("alpine: Downloading 1/3")
+    state["alive"] = None
+    with pytest.raises(SystemFailure, match="pid 7"):
+        say("alpine: Downloading 2/3")
+    assert said == ["Pulling docker image alpine ..."]
+
+
 def test_the_domain_limits_come_from_the_limits_section(settings):
     # defaults: each of the 2 vCPUs one core, 200 MB/s and 5000 IOPS each way, no network cap
     assert prepare_stage.vm_limits(settings) == Limits(200_000, 200_000_000, 5000, 0)

@@ -340,12 +340,7 @@ class Hypervisor:
         """(capacity, allocation) in bytes of every volume in the pool, as of a fresh rescan."""
         p = self._pool(pool)
         sizes = []
-        try:
-            self._refresh(p)
-            names = p.listVolumes()
-        except libvirt.libvirtError as exc:
-            raise _failure(f"listing volumes of pool {pool}", exc) from None
-        for name in names:
+        for name in self.volume_names(pool):
             try:
                 _, capacity, allocation = p.storageVolLookupByName(name).info()
             except libvirt.libvirtError as exc:

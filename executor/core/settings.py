@@ -27,7 +27,8 @@ from executor.errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/libvirt-executor/config.toml"
 CONFIG_PATH_ENV = "LIBVIRT_EXECUTOR_CONFIG"
 GIB = 1024**3
-MIN_UNRESPONSIVE_S = 15.0  # three of jobvm.record's 5 s probe intervals
+LIVENESS_PROBE_S = 5.0  # how often a waiting stage probes its VM over SSH (jobvm.record)
+MIN_UNRESPONSIVE_S = 3 * LIVENESS_PROBE_S  # a healthy VM is never taken for dead between probes
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
@@ -302,7 +303,7 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_limits(s, problems)
     if math.isfinite(s.timeouts.unresponsive) and 0 < s.timeouts.unresponsive < MIN_UNRESPONSIVE_S:
         problems.append(
-            f"timeouts.unresponsive: must be at least {MIN_UNRESPONSIVE_S:g} (the VM is probed every 5 s), "
+            f"timeouts.unresponsive: must be at least {MIN_UNRESPONSIVE_S:g} (the VM is probed every {LIVENESS_PROBE_S:g} s), "
             f"got {s.timeouts.unresponsive:g}"
         )
 

@@ -8,11 +8,8 @@ from executor.adapters.guest_ssh import GuestSSH
 from executor.adapters.hostfiles import console_log, console_tail
 from executor.adapters.hypervisor import Hypervisor
 from executor.core.domain_xml import JobRecord, parse_job_record
-from executor.core.settings import Settings
+from executor.core.settings import LIVENESS_PROBE_S, Settings
 from executor.errors import SystemFailure
-
-# How often a waiting stage probes its VM over SSH. A probe costs one channel open and close.
-PROBE_INTERVAL_S = 5.0
 
 
 def disk_error(vm: str) -> SystemFailure:
@@ -48,7 +45,7 @@ def alive_and_answering(hv: Hypervisor, settings: Settings, vm: str, ssh: GuestS
     SystemFailure, with the console's last lines, once it has answered no SSH probe for
     `timeouts.unresponsive` seconds (libvirt still says "running" for a wedged guest kernel).
     Starts `ssh`'s background probe."""
-    ssh.watch(PROBE_INTERVAL_S)
+    ssh.watch(LIVENESS_PROBE_S)  # a probe costs one channel open and close
     limit = settings.timeouts.unresponsive
 
     def alive() -> bool:

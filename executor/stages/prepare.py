@@ -166,8 +166,8 @@ def _checking(out: Callable[[str], None], alive: Callable[[], bool]) -> Callable
 
 
 def _admit(hv: Hypervisor, settings: Settings, image: BaseImage) -> None:
-    """SystemFailure (gitlab-runner retries, maybe elsewhere) when this host cannot hold one more
-    VM now: better than a VM that QEMU pauses on a full pool halfway through the job."""
+    """SystemFailure (gitlab-runner retries prepare) when this host cannot hold one more VM now:
+    better than a VM that QEMU pauses on a full pool halfway through the job."""
     if not settings.admission.enabled:
         return
     room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image.virtual_bytes))

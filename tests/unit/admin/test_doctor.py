@@ -199,7 +199,7 @@ def test_headroom_counts_the_jobs_that_fit_and_the_disks_already_in_the_pool(hv,
         "<volume><name>lvx-job-1-disk.qcow2</name><capacity unit='GiB'>60</capacity>"
         "<allocation unit='GiB'>1</allocation><target><format type='qcow2'/></target></volume>"
     )
-    hv._conn.storagePoolLookupByName("default-pool").createXML(overlay, 0)
+    hv.create_volume("default-pool", overlay)
     checks = by_name(doctor(write_config(tmp_path)))
     assert "room for 1 more job VM(s) now" in checks["headroom"].detail
     assert "59.0 GiB of it promised to existing disks" in checks["headroom"].detail

@@ -323,6 +323,78 @@ def mirror_prune_cmd(obj: _Context) -> None:
         click.echo(f"mirror: {line}")
 
 
+@cli.group("agent", invoke_without_command=True)
+@click.pass_context
+def agent_group(ctx: click.Context) -> None:
+    """The host agent (warm pool keeper). Without a subcommand: run it in the foreground until
+    SIGTERM (what its systemd unit and `agent start` run). One per host and name prefix."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import time
+
+    from executor.agent.main import serve
+
+    obj: _Context = ctx.obj
+    serve(
+        obj.settings,
+        obj.config_file,
+        say=lambda line: click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} agent: {line}"),
+    )
+
+
+@agent_group.command("start")
+@click.pass_obj
+def agent_start_cmd(obj: _Context) -> None:
+    """Start the supervised agent (systemd unit, or detached) unless it runs."""
+    from executor.agent import client
+
+    click.echo(f"agent: {client.start(obj.settings, obj.config_file)}")
+
+
+@agent_group.command("stop")
+@click.pass_obj
+def agent_stop_cmd(obj: _Context) -> None:
+    """Stop the agent; it removes its idle VMs first (jobs then boot cold)."""
+    from executor.agent import client
+
+    click.echo(f"agent: {client.stop(obj.settings)}")
+
+
+@cli.group("pool")
+def pool_group() -> None:
+    """The warm pool: idle VMs booted before their job ([pool] in the config)."""
+
+
+@pool_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def pool_status_cmd(obj: _Context, as_json: bool) -> None:
+    """Idle (ready to hand out), booting and in-job pool VMs, and the agent."""
+    from executor.admin import pool
+
+    st = pool.status(obj.settings)
+    click.echo(json.dumps(st, indent=2, sort_keys=True) if as_json else pool.format_status(st))
+
+
+@pool_group.command("drain")
+@click.pass_obj
+def pool_drain_cmd(obj: _Context) -> None:
+    """Stop refilling the pool and remove its idle VMs now (for maintenance); `pool fill` undoes it."""
+    from executor.admin import pool
+
+    for line in pool.drain(obj.settings):
+        click.echo(f"pool: {line}")
+
+
+@pool_group.command("fill")
+@click.pass_obj
+def pool_fill_cmd(obj: _Context) -> None:
+    """Let the agent refill a drained pool."""
+    from executor.admin import pool
+
+    click.echo(f"pool: {pool.fill(obj.settings)}")
+
+
 @cli.command("demo")
 @click.pass_obj
 def demo_cmd(obj: _Context) -> None:

@@ -109,3 +109,21 @@ def memory_available() -> int | None:
             return admission.mem_available(f.read())
     except OSError:
         return None
+
+
+QEMU_PID_DIR = "/run/libvirt/qemu"
+
+
+def qemu_stopped(domain: str, pid_dir: str = QEMU_PID_DIR) -> bool:
+    """Whether the domain's QEMU process is stopped by a signal (SIGSTOP: frozen). libvirt
+    still reports such a domain as running or paused, and a resume would wait on its monitor
+    for ever. False when the process cannot be found (libvirt's state tells the rest)."""
+    try:
+        with open(os.path.join(pid_dir, f"{domain}.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except (OSError, ValueError):
+        return False
+    # "pid (comm) S ...": the comm may hold spaces and parentheses, the state follows the last ')'
+    return stat.rpartition(")")[2].split()[:1] in (["T"], ["t"])

@@ -152,6 +152,50 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _failure(f"starting domain {dom.name()}", exc) from None
 
+    def _existing(self, name: str) -> libvirt.virDomain:
+        dom = self._lookup(name)
+        if dom is None:
+            raise SystemFailure(f"domain {name} does not exist")
+        return dom
+
+    def set_metadata(self, name: str, key: str, xml: str) -> None:
+        """Replace our metadata element of a running domain, live and in its definition."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            self._existing(name).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, self._ns, flags)
+        except libvirt.libvirtError as exc:
+            raise _failure(f"writing the metadata of {name}", exc) from None
+
+    def suspend(self, name: str) -> None:
+        try:
+            self._existing(name).suspend()
+        except libvirt.libvirtError as exc:
+            raise _failure(f"pausing {name}", exc) from None
+
+    def resume(self, name: str) -> None:
+        """Let a paused domain run again (nothing to do for one that runs)."""
+        dom = self._existing(name)
+        try:
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+        except libvirt.libvirtError as exc:
+            raise _failure(f"resuming {name}", exc) from None
+
+    def live_xml(self, name: str) -> str:
+        try:
+            return str(self._existing(name).XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            raise _failure(f"describing {name}", exc) from None
+
+    def update_device(self, name: str, xml: str) -> None:
+        """Change a device of a running domain, live and in its definition (e.g. an
+        interface's nwfilter parameters, which libvirt re-applies at once)."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            self._existing(name).updateDeviceFlags(xml, flags)
+        except libvirt.libvirtError as exc:
+            raise _failure(f"updating a device of {name}", exc) from None
+
     def destroy(self, name: str) -> bool:
         """Hard power-off (never a shutdown request a hostile guest could ignore).
         Returns False if there was nothing to destroy."""

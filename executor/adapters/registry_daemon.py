@@ -8,8 +8,7 @@ Everything of one mirror lives in its storage directory:
     <storage>/supervisor.lock   flock held by the supervisor for its whole life, with its pid
     <storage>/registry.log      the registry's and the supervisor's output (rotated at 8 MiB)
 
-A held flock is what "running" means: a stale pid file or a dead supervisor's leftovers cannot
-fool it, because the kernel drops the lock with the process. The supervisor restarts the
+The supervisor is one `hostservice.Service` (its lock says whether it runs). It restarts the
 registry when it exits (distribution 2.8 exits at start when its upstream does not answer, so a
 mirror set up while the internet is away starts by itself once it is back), and stops it for
 maintenance (eviction and garbage collection, which distribution wants done offline).
@@ -18,18 +17,16 @@ maintenance (eviction and garbage collection, which distribution wants done offl
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +35,10 @@ from executor.core.waiting import poll
 from executor.errors import ConfigError, SystemFailure
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
-LOG_ROTATE_BYTES = 8 * 1024**2
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0  # a registry that ran this long restarts at once after an exit
-SPAWN_WAIT_S = 15.0  # for a detached supervisor to take its lock
 SYSTEMD_UNIT = "libvirt-executor-mirror.service"
-SYSTEMD_UNIT_PATH = Path("/etc/systemd/system") / SYSTEMD_UNIT
 DEBIAN_UNIT = "docker-registry.service"  # the package's own: Debian's config, on every address
-
-
-def systemd_running() -> bool:
-    return Path("/run/systemd/system").is_dir()
 
 
 def account(user: str) -> tuple[int, int]:
@@ -97,41 +87,6 @@ class MirrorDir:
         os.replace(tmp, self.config)
         return True
 
-    # --- the supervisor's lock -------------------------------------------------------------
-
-    def supervisor_pid(self) -> int | None:
-        """The running supervisor's pid; None when nobody holds the lock."""
-        try:
-            fd = os.open(self.lock, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.read(fd, 32).decode("ascii", "replace").strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def supervisor_lock(self) -> Iterator[None]:
-        """Hold the lock (with our pid in it) for a supervisor's life; SystemFailure if another
-        supervisor holds it."""
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SystemFailure(f"another mirror supervisor is running for {self.root}") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-            yield
-        finally:
-            os.close(fd)
-
     # --- what is cached ---------------------------------------------------------------------
 
     def blob_bytes(self) -> int:
@@ -162,11 +117,6 @@ class MirrorDir:
             raise ValueError(f"{name!r} is not a repository of {self.repositories}")
         shutil.rmtree(path)
 
-    def rotate_log(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if self.log.stat().st_size > LOG_ROTATE_BYTES:
-                os.replace(self.log, self.log.with_name(self.log.name + ".1"))
-
     def exit_reason(self, offset: int) -> str:
         """The panic or fatal line the registry wrote after `offset` of its log (distribution
         2.8 panics at start when its upstream does not answer), "" if none."""
@@ -180,15 +130,6 @@ class MirrorDir:
             if line.startswith("panic:") or "level=fatal" in line:
                 return line[:300]
         return ""
-
-    def log_tail(self, lines: int = 5, prefix: str = "") -> str:
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join([line for line in text.splitlines() if line.startswith(prefix)][-lines:])
 
 
 def garbage_collect(mirror: MirrorDir, user: str, timeout: float = 600) -> int:
@@ -243,6 +184,7 @@ def supervise(
     maintenance_due: Callable[[], bool],
     maintain: Callable[[], None],
     say: Callable[[str], None],
+    rotate_log: Callable[[], None],
 ) -> None:
     """Run the registry until SIGTERM/SIGINT, restarting it when it exits (backing off up to
     30 s while it keeps failing) and stopping it for `maintain` whenever `maintenance_due`,
@@ -266,7 +208,7 @@ def supervise(
             next_check = time.monotonic() + check_every
             if maintenance_due():
                 maintain()
-        mirror.rotate_log()
+        rotate_log()
         started = time.monotonic()
         with open(mirror.log, "ab") as log:
             log_offset = log.tell()
@@ -306,66 +248,6 @@ def supervise(
         )
         poll(lambda: bool(stopping), backoff, interval=0.2, max_interval=0.2)  # a SIGTERM cuts it short
     say(f"stopped ({signal.Signals(stopping[0]).name})")
-
-
-def spawn_supervisor(argv: list[str], mirror: MirrorDir) -> int:
-    """Start `argv` (the `mirror serve` command) detached from us, output to the mirror's log;
-    its pid once it holds the supervisor lock."""
-    mirror.rotate_log()
-    with open(mirror.log, "ab") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/", close_fds=True
-        )
-
-    def holds_the_lock() -> int | None:
-        pid = mirror.supervisor_pid()
-        if pid is None and proc.poll() is not None:
-            raise SystemFailure(f"the mirror supervisor exited with status {proc.returncode}: {mirror.log_tail()}")
-        return pid
-
-    pid = poll(holds_the_lock, SPAWN_WAIT_S, interval=0.1, max_interval=0.5)
-    if pid is None:
-        raise SystemFailure(f"the mirror supervisor did not start within {SPAWN_WAIT_S:.0f} s: {mirror.log_tail()}")
-    return pid
-
-
-def stop_supervisor(mirror: MirrorDir, timeout: float = 20) -> int | None:
-    """SIGTERM the supervisor (it stops the registry) and wait until its lock is free; the pid
-    it had, None if none was running."""
-    pid = mirror.supervisor_pid()
-    if pid is None:
-        return None
-    if pid > 0:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    if poll(lambda: mirror.supervisor_pid() is None, timeout, interval=0.1, max_interval=0.5) is None:
-        raise SystemFailure(f"the mirror supervisor (pid {pid}) did not stop within {timeout:.0f} s")
-    return pid
-
-
-def this_command() -> list[str]:
-    """How to run this executor again from here (the venv's interpreter and package)."""
-    return [sys.executable, "-m", "executor"]
-
-
-def systemctl(*args: str) -> None:
-    result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemFailure(f"systemctl {' '.join(args)} failed: {result.stderr.strip()}")
-
-
-def unit_active(unit: str) -> bool:
-    return subprocess.run(["systemctl", "is-active", "--quiet", unit], check=False).returncode == 0
-
-
-def install_unit(text: str) -> bool:
-    """Write our systemd unit when it differs; whether it changed (then daemon-reload)."""
-    with contextlib.suppress(OSError):
-        if SYSTEMD_UNIT_PATH.read_text() == text:
-            return False
-    SYSTEMD_UNIT_PATH.write_text(text)
-    systemctl("daemon-reload")
-    return True
 
 
 # --- the registry API, over plain HTTP on this host ---------------------------------------

@@ -11,6 +11,9 @@ keyed by the VM name:
     <state_dir>/alloc.lock          serialises IP allocation between concurrent prepares
     <state_dir>/admission.lock      serialises prepare's admission check with its disk's creation
     <state_dir>/runner/             the gitlab-runner binary's hash memo and its volumes' records
+    <state_dir>/claims/<job-vm>     a job served from the warm pool: holds the pool VM's name
+    <state_dir>/agent/              the host agent's lock (with its pid), log and status, and
+                                    the pool's "drained" marker, per name prefix
 
 A lock that is held means "a stage is working on this VM right now": reap never touches it.
 The kernel drops flocks when a process dies, even by SIGKILL, so a crashed prepare never leaves
@@ -46,9 +49,11 @@ class StateDir:
         self.locks = self.root / "locks"
         self.leases = self.root / "leases"
         self.jobs = self.root / "jobs"
+        self.claims_dir = self.root / "claims"
+        self.agent_dir = self.root / "agent"
 
     def ensure(self) -> None:
-        for d in (self.root, self.locks, self.leases, self.jobs):
+        for d in (self.root, self.locks, self.leases, self.jobs, self.claims_dir, self.agent_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
 
@@ -255,6 +260,70 @@ class StateDir:
     def job_dir_vms(self) -> list[str]:
         return sorted(p.name for p in self.jobs.iterdir()) if self.jobs.is_dir() else []
 
+    # --- warm-pool claims: which pool VM serves which job ------------------------------------
+
+    def write_claim(self, job_vm: str, vm: str) -> None:
+        """Record that the job whose cold VM would be `job_vm` runs in the pool VM `vm`."""
+        self.ensure()
+        _write_atomic(self.claims_dir / job_vm, vm + "\n")
+
+    def claimed_vm(self, job_vm: str) -> str | None:
+        try:
+            return (self.claims_dir / job_vm).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def claims(self) -> dict[str, str]:
+        """job VM name -> the pool VM serving it, for every claim on disk."""
+        if not self.claims_dir.is_dir():
+            return {}
+        found = {}
+        for p in self.claims_dir.iterdir():
+            if p.name.startswith("."):
+                continue
+            try:
+                found[p.name] = p.read_text().strip()
+            except FileNotFoundError:
+                continue
+        return found
+
+    def release_claims(self, vm: str) -> list[str]:
+        """Remove the claims naming `vm` (the VM is gone); the job VM names they were for."""
+        released = []
+        for job_vm, target in self.claims().items():
+            if target == vm:
+                _unlink(self.claims_dir / job_vm)
+                released.append(job_vm)
+        return sorted(released)
+
+    # --- the host agent (per name prefix) ---------------------------------------------------
+
+    def agent_file(self, prefix: str, suffix: str) -> Path:
+        """`<state_dir>/agent/<prefix>.<suffix>`: lock, drained, status.json."""
+        self.ensure()
+        return self.agent_dir / f"{prefix}.{suffix}"
+
+    def write_agent_status(self, prefix: str, value: dict[str, Any]) -> None:
+        _write_atomic(self.agent_file(prefix, "status.json"), json.dumps(value))
+
+    def read_agent_status(self, prefix: str) -> dict[str, Any] | None:
+        value = _read_json(self.agent_file(prefix, "status.json"))
+        return value if isinstance(value, dict) else None
+
+    def pool_drained(self, prefix: str) -> bool:
+        return self.agent_file(prefix, "drained").exists()
+
+    def set_pool_drained(self, prefix: str, drained: bool) -> bool:
+        """Mark the pool drained (the keeper boots nothing) or not; whether that changed."""
+        path = self.agent_file(prefix, "drained")
+        if drained == path.exists():
+            return False
+        if drained:
+            path.touch(mode=0o600)
+        else:
+            _unlink(path)
+        return True
+
     # --- the runner binary's volumes (shared by all jobs) ---------------------------------
 
     @property
@@ -281,10 +350,7 @@ class StateDir:
         return value if isinstance(value, dict) else None
 
     def write_runner_record(self, name: str, value: dict[str, Any]) -> None:
-        path = self.runner_dir / f"{name}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(value), encoding="utf-8")
-        os.replace(tmp, path)
+        _write_atomic(self.runner_dir / f"{name}.json", json.dumps(value))
 
     def remove_runner_record(self, name: str) -> None:
         _unlink(self.runner_dir / f"{name}.json")
@@ -299,6 +365,15 @@ def _held_flock(path: Path, timeout: float, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by a complete new file (0600): readers see the old or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:

@@ -17,16 +17,16 @@ from executor.core import naming
 from executor.core.domain_xml import JobRecord
 from executor.core.settings import Settings
 from executor.errors import ConfigError, SystemFailure
-from executor.jobvm.record import running_record
+from executor.jobvm.record import job_vm, running_record
 
 
 def _job_vm(settings: Settings, job_id: int) -> tuple[str, JobRecord]:
     if os.geteuid() != 0:
         raise ConfigError("must run as root: the job's credentials are in the root-only state dir")
-    vm = naming.vm_name(settings.vm.name_prefix, job_id)
+    vm = job_vm(settings, StateDir(settings.paths.state_dir), job_id)
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
         try:
-            return vm, running_record(hv, vm)
+            return vm, running_record(hv, vm, job_id)
         except SystemFailure as exc:
             raise SystemFailure(f"job {job_id}: {exc}") from None
 

@@ -15,6 +15,7 @@ from executor.adapters.cachestore import CacheStore
 from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.admin import mirror as mirror_admin
+from executor.admin import pool as pool_admin
 from executor.core import accel, mirror, naming
 from executor.core.jobenv import Job
 from executor.core.jsonvalues import object_at
@@ -209,6 +210,8 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
         add(check)
     for url in settings.docker.registry_mirrors:
         add(_check_mirror(url))
+    if settings.pool.size > 0 and libvirt_ok:
+        add(_check_pool_agent(settings))
     if boot:
         if not libvirt_ok or not image.ok or any(c.ok is False for c in checks):
             add(Check("boot", None, "a probe VM needs every check above to pass"))
@@ -216,6 +219,38 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
             for check in _boot_probe(settings):
                 add(check)
     return checks
+
+
+def _check_pool_agent(settings: Settings) -> Check:
+    """With pool.size > 0 the agent must run, or every job boots cold."""
+    st = pool_admin.status(settings)
+    agent = st["agent"]
+    if not agent["running"]:
+        return Check(
+            "warm pool",
+            False,
+            f"pool.size = {st['size']} but no host agent runs: every job boots cold",
+            "libvirt-executor agent start",
+        )
+    report = agent["last_round"] or {}
+    fresh = time.time() - float(report.get("updated") or 0) < 60
+    detail = (
+        f"agent pid {agent['pid']}: {st['idle']} of {st['size']} idle, {st['booting']} booting, {st['in_job']} in a job"
+    )
+    if st["drained"]:
+        return Check("warm pool", True, detail + "; drained", "libvirt-executor pool fill", warning=True)
+    if not fresh:
+        return Check(
+            "warm pool",
+            False,
+            detail + "; its last round is over a minute old (stuck?)",
+            "libvirt-executor agent stop; libvirt-executor agent start",
+        )
+    if report.get("last_error") and st["idle"] < st["size"]:
+        return Check(
+            "warm pool", True, detail + f"; last error: {report['last_error']}", "see the agent's log", warning=True
+        )
+    return Check("warm pool", True, detail)
 
 
 def _check_runner_binary(settings: Settings) -> Check:

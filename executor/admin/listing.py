@@ -13,6 +13,7 @@ from typing import Any
 from executor.adapters.hostfiles import console_log_vms
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.statedir import StateDir
+from executor.agent import client as agent_client
 from executor.core import naming, reaping
 from executor.core.domain_xml import parse_job_record
 from executor.core.settings import Settings
@@ -52,6 +53,8 @@ def inventory(
         job_dirs=tuple(state.job_dir_vms()),
         console_logs=tuple(console_log_vms(settings)),
         locked=locked,
+        claims=state.claims(),
+        agent_running=agent_client.service(settings, state).pid() is not None,
     )
 
 
@@ -75,6 +78,7 @@ def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]
         "locks": [v for v in inv.lock_files if mine(v)],
         "job_dirs": [v for v in inv.job_dirs if mine(v)],
         "console_logs": [v for v in inv.console_logs if mine(v)],
+        "claims": [job for job, target in inv.claims.items() if mine(target)],
     }
     return {k: sorted(v) for k, v in found.items() if v}
 
@@ -90,7 +94,9 @@ def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
         vms.append(
             {
                 "name": d.name,
-                "job_id": r.job_id,
+                "job_id": r.job_id or None,
+                "source": r.source,
+                "pool_state": r.pool_state or None,
                 "project_id": r.project_id,
                 "project": r.project,
                 "pipeline_id": r.pipeline_id,
@@ -114,6 +120,7 @@ def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
             "lock_file": p.lock_file,
             "job_dir": p.job_dir,
             "console_log": p.console_log,
+            "claims": list(p.claims),
             "busy": vm in inv.locked,
         }
         for vm, p in reaping.orphans(inv).items()
@@ -146,10 +153,12 @@ def format_table(listing: dict[str, Any]) -> str:
             left = vm["expires_in_s"]
             expiry = f"in {reaping.format_duration(left)}" if left > 0 else f"{reaping.format_duration(left)} ago (due)"
             state = vm["state"] + (" (busy)" if vm["busy"] else "")
+            if vm["pool_state"] in ("idle", "booting"):
+                state = f"pool {vm['pool_state']}, {state}"
             rows.append(
                 (
                     vm["name"],
-                    str(vm["job_id"]),
+                    str(vm["job_id"] or "-"),
                     _clean(vm["project"] or (f"#{vm['project_id']}" if vm["project_id"] else "-"))[:40],
                     state,
                     _clean(vm["ip"] or "-"),
@@ -177,6 +186,7 @@ def format_table(listing: dict[str, Any]) -> str:
                 )
                 if present
             ]
+            parts += [f"claim of {job}" for job in o["claims"]]
             lines.append(f"  {o['vm']}{' (busy)' if o['busy'] else ''}: {', '.join(parts)}")
     if listing["unowned_ip_reservations"]:
         lines.append("")

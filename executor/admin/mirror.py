@@ -12,11 +12,10 @@ pull from the upstream directly meanwhile.
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from executor.adapters import hostinfo, registry_daemon
+from executor.adapters import hostinfo, hostservice, registry_daemon
 from executor.adapters.hostfiles import read_secret
 from executor.adapters.registry_daemon import MirrorDir
 from executor.core import mirror
@@ -38,21 +37,21 @@ def config_text(settings: Settings) -> str:
     return mirror.registry_config(settings, str(mirror_dir(settings).data), password)
 
 
+def supervisor(settings: Settings) -> hostservice.Service:
+    mdir = mirror_dir(settings)
+    return hostservice.Service(mdir.lock, mdir.log, "the mirror supervisor")
+
+
 def _serve_command(config_file: str) -> list[str]:
     """`mirror serve` with this config, runnable from anywhere (systemd's unit, a detached start)."""
-    return [*registry_daemon.this_command(), "--config", os.path.abspath(config_file), "mirror", "serve"]
+    return [*hostservice.this_command(), "--config", os.path.abspath(config_file), "mirror", "serve"]
 
 
 def unit_text(config_file: str) -> str:
-    argv = shlex.join(_serve_command(config_file))
-    return (
-        "[Unit]\n"
-        "Description=libvirt-executor registry mirror (pull-through cache for job VMs)\n"
-        "After=network-online.target libvirtd.service\n\n"
-        "[Service]\n"
-        f"ExecStart={argv}\n"
-        "Restart=always\nRestartSec=5\n\n"
-        "[Install]\nWantedBy=multi-user.target\n"
+    return hostservice.unit_text(
+        "libvirt-executor registry mirror (pull-through cache for job VMs)",
+        _serve_command(config_file),
+        after="network-online.target libvirtd.service",
     )
 
 
@@ -62,47 +61,48 @@ def set_up(settings: Settings, config_file: str) -> list[str]:
     mdir = mirror_dir(settings)
     if not settings.mirror.enabled:
         stopped = "registry mirror stopped (mirror.enabled = false)"
-        if registry_daemon.systemd_running():
-            if not registry_daemon.unit_active(registry_daemon.SYSTEMD_UNIT):
+        if hostservice.systemd_running():
+            if not hostservice.unit_active(registry_daemon.SYSTEMD_UNIT):
                 return []
-            registry_daemon.systemctl("disable", "--now", registry_daemon.SYSTEMD_UNIT)
+            hostservice.systemctl("disable", "--now", registry_daemon.SYSTEMD_UNIT)
             return [stopped]
-        return [] if registry_daemon.stop_supervisor(mdir) is None else [stopped]
+        return [] if supervisor(settings).stop() is None else [stopped]
     changes = mdir.ensure(mirror.RUN_AS)
     if mdir.write_config(config_text(settings), mirror.RUN_AS):
         changes.append(f"wrote the mirror's registry config {mdir.config}")
     restart = bool(changes)
-    if registry_daemon.systemd_running():
-        if registry_daemon.unit_active(registry_daemon.DEBIAN_UNIT):
-            registry_daemon.systemctl("disable", "--now", registry_daemon.DEBIAN_UNIT)
+    if hostservice.systemd_running():
+        if hostservice.unit_active(registry_daemon.DEBIAN_UNIT):
+            hostservice.systemctl("disable", "--now", registry_daemon.DEBIAN_UNIT)
             changes.append(f"stopped and disabled Debian's {registry_daemon.DEBIAN_UNIT} (it listens everywhere)")
-        if registry_daemon.install_unit(unit_text(config_file)):
-            changes.append(f"installed {registry_daemon.SYSTEMD_UNIT_PATH}")
+        if hostservice.install_unit(registry_daemon.SYSTEMD_UNIT, unit_text(config_file)):
+            changes.append(f"installed {hostservice.SYSTEMD_DIR / registry_daemon.SYSTEMD_UNIT}")
             restart = True
-        if not registry_daemon.unit_active(registry_daemon.SYSTEMD_UNIT) or restart:
-            registry_daemon.systemctl("enable", registry_daemon.SYSTEMD_UNIT)
-            registry_daemon.systemctl("restart", registry_daemon.SYSTEMD_UNIT)
+        if not hostservice.unit_active(registry_daemon.SYSTEMD_UNIT) or restart:
+            hostservice.systemctl("enable", registry_daemon.SYSTEMD_UNIT)
+            hostservice.systemctl("restart", registry_daemon.SYSTEMD_UNIT)
             changes.append(f"registry mirror (re)started: {_answer_summary(settings)}")
         return changes
     if restart:
-        registry_daemon.stop_supervisor(mdir)
-    if mdir.supervisor_pid() is None:
+        supervisor(settings).stop()
+    if supervisor(settings).pid() is None:
         changes.append(f"registry mirror started: {start(settings, config_file)}")
     return changes
 
 
 def start(settings: Settings, config_file: str) -> str:
     """Start the supervisor unless it runs; how the mirror is doing afterwards."""
-    if registry_daemon.systemd_running():
-        registry_daemon.systemctl("start", registry_daemon.SYSTEMD_UNIT)
+    if hostservice.systemd_running():
+        hostservice.systemctl("start", registry_daemon.SYSTEMD_UNIT)
         return _answer_summary(settings)
     mdir = mirror_dir(settings)
-    pid = mdir.supervisor_pid()
+    service = supervisor(settings)
+    pid = service.pid()
     if pid is None:
         # `serve` writes it too; here a bad password_file fails this command, not a detached process.
         mdir.ensure(mirror.RUN_AS)
         mdir.write_config(config_text(settings), mirror.RUN_AS)
-        pid = registry_daemon.spawn_supervisor(_serve_command(config_file), mdir)
+        pid = service.spawn(_serve_command(config_file))
     return f"supervisor pid {pid}; {_answer_summary(settings)}"
 
 
@@ -119,7 +119,8 @@ def _answer_summary(settings: Settings) -> str:
     if poll(answers, ANSWER_WAIT_S, interval=0.5, max_interval=0.5):
         return f"answering at {url}"
     reason = last_problem[0]
-    tail = mirror_dir(settings).log_tail(1, prefix="mirror: ") or mirror_dir(settings).log_tail(1)
+    log = supervisor(settings)
+    tail = log.log_tail(1, prefix="mirror: ") or log.log_tail(1)
     return (
         f"not answering at {url} yet ({reason}); it restarts by itself until its upstream "
         f"{settings.mirror.upstream} answers. Last log line: {tail}"
@@ -127,10 +128,10 @@ def _answer_summary(settings: Settings) -> str:
 
 
 def stop(settings: Settings) -> str:
-    if registry_daemon.systemd_running():
-        registry_daemon.systemctl("stop", registry_daemon.SYSTEMD_UNIT)
+    if hostservice.systemd_running():
+        hostservice.systemctl("stop", registry_daemon.SYSTEMD_UNIT)
         return f"stopped {registry_daemon.SYSTEMD_UNIT}"
-    pid = registry_daemon.stop_supervisor(mirror_dir(settings))
+    pid = supervisor(settings).stop()
     return "not running" if pid is None else f"stopped (supervisor pid {pid})"
 
 
@@ -143,7 +144,8 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
         for line in evict(settings):
             say(line)
 
-    with mdir.supervisor_lock():
+    service = supervisor(settings)
+    with service.hold():
         mdir.write_config(config_text(settings), mirror.RUN_AS)
         say(f"serving {mirror.mirror_url(settings)} as a cache of {settings.mirror.upstream}")
         registry_daemon.supervise(
@@ -153,6 +155,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             maintenance_due=lambda: over_cap(settings),
             maintain=maintain,
             say=say,
+            rotate_log=service.rotate_log,
         )
 
 
@@ -183,7 +186,7 @@ def evict(settings: Settings, rounds: int = 3) -> list[str]:
 def prune(settings: Settings, config_file: str) -> list[str]:
     """Enforce max_gib now: stop the mirror, evict, start it again if it was running."""
     mdir = mirror_dir(settings)
-    was_running = mdir.supervisor_pid() is not None
+    was_running = supervisor(settings).pid() is not None
     if was_running:
         stop(settings)
     lines = evict(settings) or [
@@ -230,7 +233,7 @@ def status(settings: Settings) -> MirrorStatus:
     return MirrorStatus(
         enabled=settings.mirror.enabled,
         url=url,
-        supervisor_pid=mdir.supervisor_pid(),
+        supervisor_pid=supervisor(settings).pid(),
         answering=not problem,
         problem=problem,
         upstream=settings.mirror.upstream,

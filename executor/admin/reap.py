@@ -31,6 +31,10 @@ def _describe_target(target: reaping.Target, now: float) -> str:
     elif target.reason == reaping.REASON_OLDER_THAN:
         assert target.domain is not None and target.domain.record is not None
         why = f"created {reaping.format_duration(now - target.domain.record.created)} ago (--older-than)"
+    elif target.reason == reaping.REASON_ABANDONED:
+        why = "a pool VM whose boot was abandoned"
+    elif target.reason == reaping.REASON_AGENT_GONE:
+        why = "an idle pool VM, and no host agent keeps the pool"
     elif target.reason == reaping.REASON_STOPPED:
         assert target.domain is not None
         why = f"not running ({target.domain.state})"

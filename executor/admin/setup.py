@@ -11,6 +11,7 @@ from executor.adapters.hostfiles import load_settings
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
 from executor.admin import mirror
+from executor.agent import client as agent_client
 from executor.core import naming
 from executor.core.domain_xml import build_dir_pool, build_nat_network
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
@@ -21,7 +22,7 @@ SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example
 
 def setup_host(config_file: str, example: str | None = None) -> list[str]:
     """Create the config (if missing), directories, storage pool, nwfilter, network and the
-    registry mirror (started). Idempotent:
+    registry mirror and the host agent (started). Idempotent:
     returns what it changed, an empty list when the host was already set up."""
     changes: list[str] = []
     config = Path(config_file)
@@ -70,4 +71,6 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
             )
     # After the network: the mirror listens on the bridge's address.
     changes += mirror.set_up(settings, config_file)
+    # The host agent keeps the warm pool (idle with pool.size = 0); jobs never need it.
+    changes += agent_client.set_up(settings, config_file)
     return changes

@@ -31,6 +31,19 @@ class JobRecord:
     ip: str
     accel: str  # "kvm" or "tcg"
     host_key: str  # the VM's public SSH host key line, pinned by `run`
+    # Warm pool (jobvm.pool): "" for a VM booted for its job; else booting -> idle -> claimed.
+    # An unclaimed pool VM has job_id 0 and expires when it has been idle for pool.max_idle.
+    pool_state: str = ""
+    fingerprint: str = ""  # what a pool VM was made from (image, runner binary, config)
+    prepulled: tuple[str, ...] = ()  # images pulled into a pool VM before its job
+
+    @property
+    def source(self) -> str:
+        """Where the job's VM came from, as the prepare line and `list` say it."""
+        return "pool" if self.pool_state else "cold"
+
+
+POOL_BOOTING, POOL_IDLE, POOL_CLAIMED = "booting", "idle", "claimed"
 
 
 CPU_PERIOD_US = 100_000  # the CFS period the domain's CPU quota is counted in
@@ -106,6 +119,11 @@ def build_metadata(record: JobRecord) -> ET.Element:
         ("host-key", record.host_key),
     ):
         _sub(job, q + tag, value)
+    if record.pool_state:
+        _sub(job, q + "pool-state", record.pool_state)
+        _sub(job, q + "fingerprint", record.fingerprint)
+        for image in record.prepulled:
+            _sub(job, q + "prepulled", image)
     return job
 
 
@@ -116,7 +134,7 @@ def metadata_xml(record: JobRecord) -> str:
 def build_domain(spec: VMSpec) -> str:
     dom = ET.Element("domain", type=spec.domain_type)
     _sub(dom, "name", spec.name)
-    _sub(dom, "title", f"GitLab job {spec.record.job_id}")
+    _sub(dom, "title", f"GitLab job {spec.record.job_id}" if spec.record.job_id else "libvirt-executor pool VM")
     meta = _sub(dom, "metadata")
     meta.append(build_metadata(spec.record))
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
@@ -181,9 +199,7 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     if spec.nwfilter:
         # Pin the VM to its assigned address (no IP/MAC/ARP spoofing of other jobs' VMs), and
         # with our filter, the destinations it may reach.
-        ref = _sub(iface, "filterref", filter=spec.nwfilter)
-        for name, value in spec.filter_parameters or (("IP", spec.ip), ("CTRL_IP_LEARNING", "none")):
-            _sub(ref, "parameter", name=name, value=value)
+        _add_filterref(iface, spec.nwfilter, spec.filter_parameters or (("IP", spec.ip), ("CTRL_IP_LEARNING", "none")))
     # Isolated ports cannot talk to each other, only to the bridge (host) and beyond.
     _sub(iface, "port", isolated="yes")
     if spec.limits.net_kib_sec:
@@ -201,6 +217,33 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     # libvirt adds a USB controller and a balloon unless told not to: less device surface.
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
+
+
+def _add_filterref(iface: ET.Element, nwfilter: str, parameters: tuple[tuple[str, str], ...]) -> ET.Element:
+    ref = _sub(iface, "filterref", filter=nwfilter)
+    for name, value in parameters:
+        _sub(ref, "parameter", name=name, value=value)
+    return ref
+
+
+def interface_with_filter(domain_xml: str, mac: str, nwfilter: str, parameters: tuple[tuple[str, str], ...]) -> str:
+    """The live domain's interface `mac`, as libvirt described it, with its filter's
+    parameters replaced: the device XML for a live update (a warm-pool VM gets its job's
+    network allowances). ValueError if the domain has no such interface."""
+    root = ET.fromstring(domain_xml)
+    for iface in root.findall("./devices/interface"):
+        mac_el = iface.find("mac")
+        if mac_el is None or (mac_el.get("address") or "").lower() != mac.lower():
+            continue
+        old = iface.find("filterref")
+        position = list(iface).index(old) if old is not None else len(iface)
+        if old is not None:
+            iface.remove(old)
+        ref = _add_filterref(iface, nwfilter, parameters)
+        iface.remove(ref)
+        iface.insert(position, ref)
+        return ET.tostring(iface, encoding="unicode")
+    raise ValueError(f"the domain has no interface with MAC {mac}")
 
 
 def _add_iotune(disk: ET.Element, limits: Limits) -> None:
@@ -304,4 +347,7 @@ def parse_job_record(xml_text: str) -> JobRecord | None:
         ip=text("ip"),
         accel=text("accel"),
         host_key=text("host-key"),
+        pool_state=text("pool-state"),
+        fingerprint=text("fingerprint"),
+        prepulled=tuple((el.text or "").strip() for el in job.findall(q + "prepulled") if (el.text or "").strip()),
     )

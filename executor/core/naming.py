@@ -20,8 +20,29 @@ CONSOLE_LOG_SUFFIX = ".console.log"
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
+POOL_TOKEN_HEX = 8  # a pool VM's name: <prefix>-pool-<8 hex digits>
+
+
 def vm_name(prefix: str, job_id: int) -> str:
+    """The name of a job's VM when prepare boots it for the job (cold); a VM from the warm pool
+    keeps its pool name, and the job finds it through its claim (statedir)."""
     return f"{prefix}-job-{int(job_id)}"
+
+
+def pool_vm_name(prefix: str, token: str) -> str:
+    """A warm-pool VM: booted before any job is known, so named without one."""
+    if not re.fullmatch(f"[0-9a-f]{{{POOL_TOKEN_HEX}}}", token):
+        raise ValueError(f"not a pool token: {token!r}")
+    return f"{prefix}-pool-{token}"
+
+
+def is_pool_name(prefix: str, name: str) -> bool:
+    return re.fullmatch(re.escape(prefix) + f"-pool-[0-9a-f]{{{POOL_TOKEN_HEX}}}", name) is not None
+
+
+def is_vm_name(prefix: str, name: str) -> bool:
+    """A name of ours: a job's cold VM or a pool VM."""
+    return job_id_of(prefix, name) is not None or is_pool_name(prefix, name)
 
 
 def overlay_volume_name(vm: str) -> str:
@@ -47,7 +68,7 @@ def vm_of_volume(prefix: str, volume: str) -> str | None:
     for suffix in (_OVERLAY_SUFFIX, _SEED_SUFFIX):
         if volume.endswith(suffix):
             vm = volume[: -len(suffix)]
-            return vm if job_id_of(prefix, vm) is not None else None
+            return vm if is_vm_name(prefix, vm) else None
     return None
 
 

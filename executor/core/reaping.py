@@ -5,7 +5,8 @@ IP reservations, lock files, per-job directories, console logs, which locks are 
 `select` decides. No I/O here, so every rule is unit-tested without a daemon.
 
 The rules, in order of precedence:
-* A name that is not `<prefix>-job-<id>` is not ours: never touched, never listed.
+* A name that is not `<prefix>-job-<id>` or `<prefix>-pool-<token>` (a warm-pool VM) is not
+  ours: never touched, never listed.
 * A domain with our name but without our metadata (or with metadata naming another VM) is not
   ours either, and neither is anything else carrying that name: a volume `<name>.qcow2` next to a
   foreign domain `<name>` is left alone.
@@ -14,9 +15,11 @@ The rules, in order of precedence:
 * Our domain is reaped when its expiry has passed (`expires <= now`), when it was created at least
   `older_than` seconds ago (an operator's explicit override), or when it is no longer running
   (shut off or crashed: nothing can use it, and prepare holds the lock while it boots one).
-  Otherwise it is "live" and kept, even if its job has long finished: only cleanup or expiry end it.
-* Pieces (volumes, IP reservations, lock file, job directory, console log) of a VM name that has
-  no domain at all are orphans, reaped at once.
+  An unclaimed pool VM also goes when its boot was abandoned (it says "booting" but nobody
+  holds its lock) or, once idle, when no host agent runs to keep it. Otherwise it is "live" and
+  kept, even if its job has long finished: only cleanup or expiry end it.
+* Pieces (volumes, IP reservations, lock file, job directory, console log, the claims naming a
+  pool VM) of a VM name that has no domain at all are orphans, reaped at once.
 * An IP reservation with no owner at all (a prepare killed between creating the reservation file
   and writing the VM name into it) is "unowned"; the reaper removes those under the allocation
   lock, where no allocation can be half-way.
@@ -29,13 +32,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from executor.core import naming
-from executor.core.domain_xml import JobRecord
+from executor.core.domain_xml import POOL_BOOTING, POOL_IDLE, JobRecord
 from executor.core.domainstate import is_active
 
 REASON_EXPIRED = "expired"
 REASON_OLDER_THAN = "older-than"
 REASON_STOPPED = "stopped"
 REASON_ORPHANED = "orphaned"
+REASON_ABANDONED = "abandoned"  # a pool VM whose boot nobody finishes
+REASON_AGENT_GONE = "agent-gone"  # an idle pool VM without a host agent to keep it
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class Inventory:
     job_dirs: tuple[str, ...] = ()  # VM names with a per-job state directory
     console_logs: tuple[str, ...] = ()  # VM names with a console log
     locked: frozenset[str] = frozenset()  # VM names whose lock a live process holds now
+    claims: Mapping[str, str] = field(default_factory=dict)  # job's cold VM name -> pool VM serving it
+    agent_running: bool = False  # a host agent keeps this prefix's pool
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,11 @@ class Pieces:
     lock_file: bool = False
     job_dir: bool = False
     console_log: bool = False
+    claims: tuple[str, ...] = ()  # the job VM names whose claim names this VM
 
     def describe(self) -> list[str]:
         parts = [f"volume {v}" for v in self.volumes] + [f"IP reservation {ip}" for ip in self.ips]
+        parts += [f"claim of {job}" for job in self.claims]
         if self.job_dir:
             parts.append("job directory")
         if self.console_log:
@@ -82,7 +91,7 @@ class Pieces:
         return parts
 
     def __bool__(self) -> bool:
-        return bool(self.volumes or self.ips or self.lock_file or self.job_dir or self.console_log)
+        return bool(self.volumes or self.ips or self.lock_file or self.job_dir or self.console_log or self.claims)
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ class Plan:
 
 
 def is_our_name(prefix: str, name: str) -> bool:
-    return naming.job_id_of(prefix, name) is not None
+    return naming.is_vm_name(prefix, name)
 
 
 def is_ours(prefix: str, domain: DomainEntry) -> bool:
@@ -121,6 +130,7 @@ def pieces_of(inv: Inventory, vm: str) -> Pieces:
         lock_file=vm in inv.lock_files,
         job_dir=vm in inv.job_dirs,
         console_log=vm in inv.console_logs,
+        claims=tuple(sorted(job for job, target in inv.claims.items() if target == vm)),
     )
 
 
@@ -134,12 +144,17 @@ def _piece_owners(inv: Inventory) -> set[str]:
     names.update(inv.lock_files)
     names.update(inv.job_dirs)
     names.update(inv.console_logs)
+    names.update(inv.claims.values())
     return {n for n in names if is_our_name(inv.prefix, n)}
 
 
-def _due(domain: DomainEntry, now: float, older_than: float | None) -> str | None:
+def _due(domain: DomainEntry, now: float, older_than: float | None, agent_running: bool) -> str | None:
     record = domain.record
     assert record is not None
+    if record.pool_state == POOL_BOOTING:
+        return REASON_ABANDONED  # its booter holds the lock while it boots: a locked one is busy
+    if record.pool_state == POOL_IDLE and not agent_running:
+        return REASON_AGENT_GONE
     if record.expires <= now:
         return REASON_EXPIRED
     if older_than is not None and record.created <= now - older_than:
@@ -168,7 +183,7 @@ def select(inv: Inventory, now: float, older_than: float | None = None) -> Plan:
             busy.add(domain.name)
             live.append(domain)
             continue
-        reason = _due(domain, now, older_than)
+        reason = _due(domain, now, older_than, inv.agent_running)
         if reason is None:
             live.append(domain)
         else:

@@ -171,6 +171,20 @@ class AdmissionSettings:
     memory_margin_mib: int = 256  # available memory kept beyond the new VM's memory
 
 
+POOL_IDLE_MODES = ("paused", "running")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The warm pool (jobvm.pool), kept by the host agent: VMs booted and checked before their
+    job arrives, each used by exactly one job and destroyed after it, like any job VM."""
+
+    size: int = 0  # idle VMs kept ready; 0 = off (every job boots its VM when it starts)
+    idle: str = "paused"  # "paused": no CPU while idle, resumed at the claim; or "running"
+    max_idle: float = 3600.0  # seconds; an idle VM older than this is replaced
+    prepull: tuple[str, ...] = ()  # images pulled into each idle VM (through the mirror)
+
+
 @dataclass(frozen=True)
 class Settings:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
@@ -185,6 +199,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -209,6 +224,7 @@ _SECTIONS: dict[str, type] = {
     "cache": CacheSettings,
     "limits": LimitSettings,
     "admission": AdmissionSettings,
+    "pool": PoolSettings,
 }
 
 
@@ -301,6 +317,7 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_mirror(s.mirror, problems)
     _check_runner_and_cache(s, problems)
     _check_limits(s, problems)
+    _check_pool(s.pool, problems)
     if math.isfinite(s.timeouts.unresponsive) and 0 < s.timeouts.unresponsive < MIN_UNRESPONSIVE_S:
         problems.append(
             f"timeouts.unresponsive: must be at least {MIN_UNRESPONSIVE_S:g} (the VM is probed every {LIVENESS_PROBE_S:g} s), "
@@ -321,6 +338,20 @@ def _check_limits(s: Settings, problems: list[str]) -> None:
         problems.append(f"admission.pool_margin_gib: must be between 0 and 4096, got {adm.pool_margin_gib}")
     if not 0 <= adm.memory_margin_mib <= 262144:
         problems.append(f"admission.memory_margin_mib: must be between 0 and 262144, got {adm.memory_margin_mib}")
+
+
+def _check_pool(p: PoolSettings, problems: list[str]) -> None:
+    if not 0 <= p.size <= 64:
+        problems.append(f"pool.size: must be between 0 (no pool) and 64, got {p.size}")
+    if p.idle not in POOL_IDLE_MODES:
+        problems.append(f"pool.idle: must be {' or '.join(repr(m) for m in POOL_IDLE_MODES)}, got {p.idle!r}")
+    if not math.isfinite(p.max_idle) or not 60 <= p.max_idle <= 7 * 86400:
+        problems.append(f"pool.max_idle: must be between 60 and 604800 seconds, got {p.max_idle:g}")
+    for image in p.prepull:
+        try:
+            parse_reference(image)
+        except ImageSpecError as exc:
+            problems.append(f"pool.prepull: {exc}")
 
 
 def _check_mirror(m: MirrorSettings, problems: list[str]) -> None:

@@ -7,9 +7,17 @@ from collections.abc import Callable
 from executor.adapters.guest_ssh import GuestSSH
 from executor.adapters.hostfiles import console_log, console_tail
 from executor.adapters.hypervisor import Hypervisor
+from executor.adapters.statedir import StateDir
+from executor.core import naming
 from executor.core.domain_xml import JobRecord, parse_job_record
 from executor.core.settings import LIVENESS_PROBE_S, Settings
 from executor.errors import SystemFailure
+
+
+def job_vm(settings: Settings, state: StateDir, job_id: int) -> str:
+    """The VM of job `job_id`: the pool VM it claimed, else the one prepare boots for it."""
+    cold = naming.vm_name(settings.vm.name_prefix, job_id)
+    return state.claimed_vm(cold) or cold
 
 
 def disk_error(vm: str) -> SystemFailure:
@@ -25,14 +33,17 @@ def vm_alive(hv: Hypervisor, vm: str) -> bool:
     return info is not None and info.active
 
 
-def running_record(hv: Hypervisor, vm: str) -> JobRecord:
-    """The metadata of our running VM `vm`; SystemFailure saying why if there is none."""
+def running_record(hv: Hypervisor, vm: str, job_id: int | None = None) -> JobRecord:
+    """The metadata of our running VM `vm` (serving job `job_id`, when given); SystemFailure
+    saying why if there is none."""
     info = hv.domain(vm)
     if info is None:
         raise SystemFailure(f"the job's VM {vm} does not exist (prepare failed, or it was reaped)")
     record = parse_job_record(info.metadata) if info.metadata else None
     if record is None:
         raise SystemFailure(f"domain {vm} carries no libvirt-executor metadata: not ours")
+    if job_id is not None and record.job_id != job_id:
+        raise SystemFailure(f"{vm} serves job {record.job_id or 'none (idle)'}, not job {job_id}")
     if info.io_error:
         raise disk_error(vm)
     if not info.active:

@@ -15,7 +15,7 @@ from executor.errors import ConfigError, SystemFailure
 
 def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> list[str]:
     """Remove everything of `vm`: domain (destroyed, never shut down), volumes, IP reservation,
-    key, console log. Idempotent; works on any half-built state. Each step runs even if an
+    key, console log, the claim of the job it served from the warm pool. Idempotent; works on any half-built state. Each step runs even if an
     earlier one failed; SystemFailure at the end lists what could not be removed."""
     removed: list[str] = []
     failures: list[str] = []
@@ -33,6 +33,7 @@ def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> li
         ("IP released", lambda: state.release_ip(vm)),
         ("key removed", lambda: state.remove_job_dir(vm)),
         ("console log removed", lambda: remove_file(console_log(settings, vm))),
+        ("claim released", lambda: state.release_claims(vm)),
     ]
     for what, step in steps:
         try:

@@ -30,7 +30,7 @@ from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred, signals_raise_interrupted
 from executor.errors import BuildFailure, Interrupted, SystemFailure
-from executor.jobvm.record import alive_and_answering, running_record
+from executor.jobvm.record import alive_and_answering, job_vm, running_record
 from executor.stages import hostcache, imagemode
 from executor.stages.config import DRIVER_NAME
 
@@ -53,15 +53,15 @@ def run(
     """Stream the stage script into bash in the VM. BuildFailure(status) if it exits non-zero."""
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr.buffer
-    vm = naming.vm_name(settings.vm.name_prefix, job.job_id)
     try:
         script = Path(script_path).read_bytes()
     except OSError as exc:
         raise SystemFailure(f"cannot read the {stage} script {script_path}: {exc.strerror}") from None
     state = StateDir(settings.paths.state_dir)
+    vm = job_vm(settings, state, job.job_id)
     image = imagemode.job_image(settings, job)
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
-        record = running_record(hv, vm)
+        record = running_record(hv, vm, job.job_id)
         key = state.read_client_key(vm)
         with _connect_for_run(settings, record, key) as ssh:
             alive = alive_and_answering(hv, settings, vm, ssh)

@@ -27,7 +27,7 @@ def test_ssh_refuses_a_domain_without_our_metadata(hv, tmp_settings):
 def test_env_prints_the_docker_cli_lines_for_a_running_job(hv, tmp_settings):
     from executor.adapters.statedir import StateDir
 
-    spec = make_driver_spec(make_record(vm="lvx-job-4042", ip="192.168.213.42"), name="lvx-job-4042")
+    spec = make_driver_spec(make_record(vm="lvx-job-4042", job_id=4042, ip="192.168.213.42"), name="lvx-job-4042")
     hv.define_and_start(build_domain(spec))
     state = StateDir(tmp_settings.paths.state_dir)
     state.write_docker_client("lvx-job-4042", "CA", "CERT", "KEY")

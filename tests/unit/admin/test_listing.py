@@ -32,6 +32,8 @@ def test_list_shows_only_our_vms_and_orphans(host):
     assert vm == {
         "name": "lvx-job-1",
         "job_id": 1,
+        "source": "cold",
+        "pool_state": None,
         "project_id": 17,
         "project": "group/project",
         "pipeline_id": 900,
@@ -54,6 +56,7 @@ def test_list_shows_only_our_vms_and_orphans(host):
             "lock_file": True,
             "job_dir": True,
             "console_log": True,
+            "claims": [],
             "busy": True,
         },
     ]
@@ -90,6 +93,7 @@ def test_table_marks_expired_and_strips_control_characters(host):
             {
                 "name": "lvx-job-9",
                 "job_id": 9,
+                "pool_state": None,
                 "project_id": None,
                 "project": "evil\x1b[31m",
                 "state": "running",

@@ -26,6 +26,7 @@ from executor.core.jobenv import Job
 from executor.core.settings import AdmissionSettings, ImageSettings, LimitSettings, RunnerSettings, Settings, VMSettings
 from executor.core.waiting import poll
 from executor.errors import ConfigError, Interrupted, SystemFailure
+from executor.jobvm import boot
 from executor.stages import prepare as prepare_stage
 from tests.unit.conftest import make_driver_spec
 
@@ -81,7 +82,7 @@ def test_a_configured_runner_binary_that_is_missing_is_refused_before_anything_i
 def test_sigterm_while_the_vm_boots_destroys_it_and_everything_else(hv, settings, monkeypatch):
     monkeypatch.setattr(Hypervisor, "upload_volume", lambda self, pool, name, data: None)
     # The test driver runs only its own domain type: the same spec, in the shape it accepts.
-    real_spec = prepare_stage._domain_spec
+    real_spec = boot._domain_spec
 
     def driver_spec(*args):
         spec = real_spec(*args)
@@ -94,8 +95,8 @@ def test_sigterm_while_the_vm_boots_destroys_it_and_everything_else(hv, settings
         seen["left"] = left_on_host(hv_, settings_)
         raise Interrupted("SIGTERM")
 
-    monkeypatch.setattr(prepare_stage, "_domain_spec", driver_spec)
-    monkeypatch.setattr(prepare_stage, "_wait_for_ssh", sigterm_during_boot)
+    monkeypatch.setattr(boot, "_domain_spec", driver_spec)
+    monkeypatch.setattr(boot, "_wait_for_ssh", sigterm_during_boot)
     with pytest.raises(Interrupted):
         prepare_stage.prepare(settings, JOB, out=lambda line: None)
     assert VM in seen["running"]  # the failure really came after the start
@@ -141,7 +142,7 @@ def test_a_disk_made_by_a_concurrent_prepare_meanwhile_is_counted_at_the_second_
     def admitted(*args):
         raise AssertionError("admitted although the other job's disk left no room")
 
-    monkeypatch.setattr(prepare_stage, "_wait_for_ssh", admitted)  # and never touch the network
+    monkeypatch.setattr(boot, "_wait_for_ssh", admitted)  # and never touch the network
     with pytest.raises(SystemFailure, match="the running jobs' disks may still grow by 49.0 GiB"):
         prepare_stage.prepare(sized, JOB, out=lambda line: None)
     assert left_on_host(hv, sized) == {}  # its seed, address and key were rolled back
@@ -170,13 +171,13 @@ def test_image_mode_lines_check_the_runner_and_the_vm_first():
 
 def test_the_domain_limits_come_from_the_limits_section(settings):
     # defaults: each of the 2 vCPUs one core, 200 MB/s and 5000 IOPS each way, no network cap
-    assert prepare_stage.vm_limits(settings) == Limits(200_000, 200_000_000, 5000, 0)
+    assert boot.vm_limits(settings) == Limits(200_000, 200_000_000, 5000, 0)
     custom = dataclasses.replace(
         settings,
         vm=VMSettings(vcpus=4),
         limits=LimitSettings(cpu_percent=50, disk_mbps=0, disk_iops=0, net_mbit=100),
     )
-    assert prepare_stage.vm_limits(custom) == Limits(200_000, 0, 0, 12207)
+    assert boot.vm_limits(custom) == Limits(200_000, 0, 0, 12207)
 
 
 ORPHAN = textwrap.dedent(
@@ -241,7 +242,7 @@ def test_a_mirror_that_does_not_answer_is_left_out_and_the_job_log_says_so_once(
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
     lines: list[str] = []
-    mirrors = prepare_stage.registry_mirrors(_loopback_mirror_settings(tmp_settings, port), lines.append)
+    mirrors = boot.registry_mirrors(_loopback_mirror_settings(tmp_settings, port), lines.append)
     assert mirrors == ["http://operators-own"]
     assert len(lines) == 1
     assert f"the registry mirror http://127.0.0.1:{port} is not answering" in lines[0]
@@ -262,11 +263,11 @@ def test_an_answering_mirror_comes_first_and_its_port_is_open_to_the_vm(tmp_sett
     try:
         settings = _loopback_mirror_settings(tmp_settings, server.server_address[1])
         lines: list[str] = []
-        mirrors = prepare_stage.registry_mirrors(settings, lines.append)
+        mirrors = boot.registry_mirrors(settings, lines.append)
     finally:
         server.shutdown()
         server.server_close()
     assert mirrors == [f"http://127.0.0.1:{server.server_address[1]}", "http://operators-own"] and lines == []
-    assert prepare_stage.daemon_json(settings, "127.0.0.10", mirrors)["registry-mirrors"] == mirrors
-    policy = prepare_stage.network_policy(settings, JOB)
+    assert boot.daemon_json(settings, "127.0.0.10", mirrors)["registry-mirrors"] == mirrors
+    policy = boot.network_policy(settings, JOB.gitlab_host)
     assert server.server_address[1] in policy.host_ports

@@ -1,0 +1,48 @@
+"""`libvirt-executor agent`: the host agent in the foreground (what its systemd unit and
+`agent start` run), until SIGTERM or SIGINT. On the way out it removes its idle VMs; after a
+SIGKILL, `reap` does."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from executor.adapters.statedir import StateDir
+from executor.agent import client
+from executor.agent.keeper import Keeper
+from executor.core.settings import Settings
+from executor.core.waiting import signals_deferred, signals_raise_interrupted
+from executor.errors import ExecutorError, Interrupted
+
+ROUND_S = 2.0  # between two looks at the pool (a claim is refilled within this)
+
+
+def serve(settings: Settings, config_file: str, say: Callable[[str], None]) -> None:
+    StateDir(settings.paths.state_dir).ensure()
+    with client.service(settings).hold():
+        say(
+            f"host agent for name prefix {settings.vm.name_prefix!r} started (pid {os.getpid()}): "
+            f"pool.size = {settings.pool.size}, idle {settings.pool.idle}"
+        )
+        keeper = Keeper(config_file, settings, say)
+        try:
+            with signals_raise_interrupted():
+                while True:
+                    try:
+                        keeper.round()
+                    except (ExecutorError, OSError) as exc:
+                        if isinstance(exc, Interrupted):
+                            raise
+                        if str(exc) != keeper.last_error:  # said once, not every round
+                            say(f"pool round failed: {exc}")
+                        keeper.last_error = str(exc)
+                    time.sleep(ROUND_S)
+        except Interrupted as exc:
+            say(f"stopping ({exc}): removing the idle VMs")
+        with signals_deferred():
+            try:
+                keeper.drain("the agent stopped")
+            except ExecutorError as exc:
+                say(f"could not remove every idle VM ({exc}): `reap` removes them")
+        say("stopped")

@@ -102,8 +102,9 @@ def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def build_metadata(record: JobRecord) -> ET.Element:
-    q = f"{{{METADATA_NS}}}"
+def build_metadata(record: JobRecord, namespaced: bool = True) -> ET.Element:
+    """Our metadata element; without its namespace for virDomainSetMetadata, which adds it."""
+    q = f"{{{METADATA_NS}}}" if namespaced else ""
     job = ET.Element(q + "job")
     for tag, value in (
         ("vm", record.vm),
@@ -127,8 +128,8 @@ def build_metadata(record: JobRecord) -> ET.Element:
     return job
 
 
-def metadata_xml(record: JobRecord) -> str:
-    return _to_string(build_metadata(record))
+def metadata_xml(record: JobRecord, namespaced: bool = True) -> str:
+    return _to_string(build_metadata(record, namespaced))
 
 
 def build_domain(spec: VMSpec) -> str:

@@ -10,6 +10,7 @@ handed out, and the next one is tried.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import secrets
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from executor.adapters import hostinfo
-from executor.adapters.guest_docker import DockerUnavailable, PullFailed, PullProgress
+from executor.adapters.guest_docker import DockerUnavailable, GuestDocker, PullFailed, PullProgress
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
 from executor.adapters.hypervisor import Hypervisor
 from executor.adapters.statedir import StateDir
@@ -132,15 +133,28 @@ def boot_pool_vm(
                 lambda: boot.admit(hv, settings, image, vms=2),  # room for a cold job after it
             ) as ready:
                 prepulled = _prepull(ready, settings.pool.prepull, say)
+                _start_clock_helper(settings, ready)
             if settings.pool.idle == "paused":
                 hv.suspend(vm)
             idle = dataclasses.replace(ready.record, pool_state=POOL_IDLE, prepulled=prepulled)
-            hv.set_metadata(vm, naming.METADATA_KEY, metadata_xml(idle))
+            _write_record(hv, idle)
         except BaseException:
             with signals_deferred():
                 discard(hv, settings, state, vm)
             raise
     return vm
+
+
+def _start_clock_helper(settings: Settings, ready: boot.ReadyVM) -> None:
+    """The root helper that sets the clock at the claim (core.pool.clock_helper_command)."""
+    result = ready.ssh.capture(decide.clock_helper_command(settings.vm.user), timeout=CLAIM_CHECK_S)
+    if not result.succeeded:
+        raise SystemFailure(f"{ready.vm}: cannot start its clock helper: {result.stderr.strip()[:200]}")
+
+
+def _write_record(hv: Hypervisor, record: JobRecord) -> None:
+    # virDomainSetMetadata wants the element without its namespace: it adds it with our key.
+    hv.set_metadata(record.vm, naming.METADATA_KEY, metadata_xml(record, namespaced=False))
 
 
 def _prepull(ready: boot.ReadyVM, names: tuple[str, ...], say: Callable[[str], None]) -> tuple[str, ...]:
@@ -202,7 +216,7 @@ def claim(
             state.write_claim(job_vm_name, vm)
             mine = dataclasses.replace(for_job(record), pool_state=POOL_CLAIMED)
             try:
-                hv.set_metadata(vm, naming.METADATA_KEY, metadata_xml(mine))
+                _write_record(hv, mine)
                 ready = _wake(hv, settings, state, vm, mine)
             except SystemFailure as exc:
                 out(f"the pool VM {vm} failed its check before handout ({exc}): removed, trying the next")
@@ -214,15 +228,7 @@ def claim(
     return None
 
 
-def _wake(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, record: JobRecord) -> boot.ReadyVM:
-    """Resume the claimed VM, set its clock (a paused TCG guest's clock stood still), check
-    SSH and dockerd; SystemFailure saying what failed."""
-    if hostinfo.qemu_stopped(vm):
-        raise SystemFailure("its QEMU process is stopped (frozen)")  # a resume would hang on it
-    info = hv.domain(vm)
-    if info is None or not info.active or info.io_error:
-        raise SystemFailure(f"it is not running ({info.state if info else 'gone'})")
-    hv.resume(vm)
+def _ssh_after_resume(settings: Settings, state: StateDir, vm: str, record: JobRecord) -> GuestSSH:
     key = state.read_client_key(vm)
     last: list[str] = []
 
@@ -236,20 +242,49 @@ def _wake(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, record: 
     ssh = poll(attempt, CLAIM_SSH_S, interval=0.2, max_interval=1.0)
     if ssh is None:
         raise SystemFailure(f"no SSH after its resume: {last[0] if last else 'no answer'}")
+    return ssh
+
+
+def _docker_answers(state: StateDir, vm: str, ip: str) -> GuestDocker:
+    docker = boot.connect_docker(state, vm, ip, timeout=CLAIM_CHECK_S)
     try:
-        clock = ssh.capture(f"sudo -n date -u -s @{time.time():.3f} >/dev/null", timeout=CLAIM_CHECK_S)
-        if not clock.succeeded:
-            raise SystemFailure(f"cannot set its clock: {clock.stderr.strip()[:200]}")
-        docker = boot.connect_docker(state, vm, record.ip, timeout=CLAIM_CHECK_S)
+        docker.ping()
+    except DockerUnavailable as exc:
+        docker.close()
+        raise SystemFailure(str(exc)) from None
+    return docker
+
+
+def _close_docker(answer: concurrent.futures.Future[GuestDocker]) -> None:
+    if answer.exception() is None:
+        answer.result().close()
+
+
+def _wake(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, record: JobRecord) -> boot.ReadyVM:
+    """Resume the claimed VM, set its clock (a paused TCG guest's clock stood still), check
+    SSH and dockerd; SystemFailure saying what failed."""
+    if hostinfo.qemu_stopped(vm):
+        raise SystemFailure("its QEMU process is stopped (frozen)")  # a resume would hang on it
+    info = hv.domain(vm)
+    if info is None or not info.active or info.io_error:
+        raise SystemFailure(f"it is not running ({info.state if info else 'gone'})")
+    hv.resume(vm)
+    # dockerd is checked while the SSH handshake and the clock command run (both wait on the guest)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="claim-docker") as pinger:
+        docker_answer = pinger.submit(_docker_answers, state, vm, record.ip)
+        ssh: GuestSSH | None = None
         try:
-            docker.ping()
-        except DockerUnavailable as exc:
-            docker.close()
-            raise SystemFailure(str(exc)) from None
-        answering = alive_and_answering(hv, settings, vm, ssh)
-    except BaseException:
-        ssh.close()
-        raise
+            ssh = _ssh_after_resume(settings, state, vm, record)
+            clock = ssh.capture(decide.clock_set_command(time.time()), timeout=CLAIM_CHECK_S)
+            if not clock.succeeded:
+                raise SystemFailure(f"cannot set its clock: {clock.stderr.strip()[:200]}")
+            docker = docker_answer.result()
+            answering = alive_and_answering(hv, settings, vm, ssh)
+        except BaseException:
+            if ssh is not None:
+                ssh.close()
+            docker_answer.add_done_callback(_close_docker)  # runs at once if it is done
+            raise
     return boot.ReadyVM(vm, record.ip, record, ssh, docker, answering)
 
 

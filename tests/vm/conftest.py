@@ -53,13 +53,14 @@ def write_test_config(
     extra: str = "",
     vm: str = "",
     timeouts: str = "",
+    image_dir: str | None = None,
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
     console-log dir, and the executor's network policy (nwfilter lvx-job, whatever the host's
     config says) with these host ports and networks open. No registry mirror unless `mirror`
     (the [mirror] section's lines) says so; `vm` and `timeouts` are added to those sections
-    and `extra` is appended (more sections)."""
+    and `extra` is appended (more sections). `image_dir`: another base image than the host's."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -74,7 +75,7 @@ subnet = "{s.libvirt.subnet}"
 nwfilter = "{FILTER_NAME}"
 
 [image]
-dir = "{s.image.dir}"
+dir = "{image_dir or s.image.dir}"
 
 [vm]
 name_prefix = "{prefix}"

@@ -255,3 +255,24 @@ def test_a_successful_stage_exits_zero(config_file, payload_file, tmp_path, monk
     monkeypatch.setattr(cleanup_stage, "cleanup", lambda settings, job: calls.append(job.job_id))
     assert run(["--config", str(config_file), "cleanup"]) == 0
     assert calls == [4242]
+
+
+def test_a_second_agent_for_the_same_prefix_says_who_runs_and_exits(config_file, capsys):
+    from executor.adapters.hostfiles import load_settings
+    from executor.agent import client
+
+    settings = load_settings(str(config_file))
+    with client.service(settings).hold():
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--config", str(config_file), "agent"])
+    assert info.value.code == SYSTEM
+    err = capsys.readouterr().err
+    assert f"the host agent for name prefix 'ci' is already running (pid {os.getpid()};" in err
+
+
+def test_pool_status_json_says_how_many_vms_are_idle(config_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--config", str(config_file), "pool", "status", "--json"])
+    assert info.value.code == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["idle"] == 0 and status["size"] == 0 and status["agent"]["running"] is False

@@ -198,3 +198,16 @@ def test_connect_closes_the_connection(spec):
     # the test driver forgets everything once its last connection closes
     with hypervisor.connect("test:///default", naming.METADATA_NS) as h:
         assert h.domain(spec.name) is None
+
+
+def test_metadata_pause_and_resume_of_a_running_domain(hv):
+    hv.set_metadata("test", "lvx", "<job><vm>test</vm></job>")
+    assert "<vm>test</vm>" in hv.domain("test").metadata
+    hv.suspend("test")
+    assert hv.domain("test").state == "paused"
+    hv.resume("test")
+    hv.resume("test")  # a running one: nothing to do
+    assert hv.domain("test").state == "running"
+    assert "<interface" in hv.live_xml("test")
+    with pytest.raises(SystemFailure, match="domain lvx-pool-00000000 does not exist"):
+        hv.suspend("lvx-pool-00000000")

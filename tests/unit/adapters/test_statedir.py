@@ -317,3 +317,26 @@ def test_the_admission_lock_is_one_for_all_prepares_and_times_out_with_the_reaso
         holder.join(5)
     with state.admission_lock(timeout=5):  # free again once the holder let go
         pass
+
+
+def test_claims_map_a_jobs_cold_name_to_its_pool_vm_until_released(state):
+    assert state.claimed_vm("lvx-job-1") is None and state.claims() == {}
+    state.write_claim("lvx-job-1", "lvx-pool-0000000a")
+    state.write_claim("lvx-job-2", "lvx-pool-0000000b")
+    assert state.claimed_vm("lvx-job-1") == "lvx-pool-0000000a"
+    assert state.claims() == {"lvx-job-1": "lvx-pool-0000000a", "lvx-job-2": "lvx-pool-0000000b"}
+    assert _mode(state.claims_dir / "lvx-job-1") == 0o600 and _mode(state.claims_dir) == 0o700
+    assert state.release_claims("lvx-pool-0000000a") == ["lvx-job-1"]
+    assert state.release_claims("lvx-pool-0000000a") == []
+    assert state.claims() == {"lvx-job-2": "lvx-pool-0000000b"}
+
+
+def test_the_pool_drained_marker_and_the_agents_status_are_per_prefix(state):
+    assert not state.pool_drained("lvx")
+    assert state.set_pool_drained("lvx", True) is True
+    assert state.set_pool_drained("lvx", True) is False
+    assert state.pool_drained("lvx") and not state.pool_drained("other")
+    assert state.set_pool_drained("lvx", False) is True and not state.pool_drained("lvx")
+    assert state.read_agent_status("lvx") is None
+    state.write_agent_status("lvx", {"idle": 1})
+    assert state.read_agent_status("lvx") == {"idle": 1} and state.read_agent_status("other") is None

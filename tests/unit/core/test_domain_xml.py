@@ -17,6 +17,7 @@ from executor.core.domain_xml import (
     build_nat_network,
     build_overlay_volume,
     build_raw_volume,
+    interface_with_filter,
     metadata_xml,
     parse_job_record,
 )
@@ -288,3 +289,34 @@ def test_the_network_policy_goes_into_the_filterref_parameters_in_order(make_spe
     ref = ET.fromstring(build_domain(spec)).find("devices/interface/filterref")
     assert ref.get("filter") == "lvx-job"
     assert [(p.get("name"), p.get("value")) for p in ref.findall("parameter")] == list(params)
+
+
+def test_a_pool_vms_record_round_trips_with_and_without_its_namespace(make_record):
+    record = make_record(
+        vm="lvx-pool-0a1b2c3d",
+        job_id=0,
+        pool_state="idle",
+        fingerprint="abc123",
+        prepulled=("alpine:3.20", "registry.example:5000/tools:1"),
+    )
+    assert record.source == "pool" and make_record().source == "cold"
+    assert parse_job_record(metadata_xml(record)) == record
+    plain = metadata_xml(record, namespaced=False)
+    assert "xmlns" not in plain  # virDomainSetMetadata adds the namespace itself
+    assert parse_job_record(plain) == record
+
+
+def test_a_live_interfaces_filter_parameters_are_replaced_and_nothing_else(make_spec, make_record):
+    spec = make_spec(record=make_record(), nwfilter="lvx-job", filter_parameters=(("IP", "192.168.122.10"),))
+    live = build_domain(spec).replace('<model type="virtio" />', '<model type="virtio" /><target dev="vnet7" />')
+    updated = ET.fromstring(
+        interface_with_filter(live, spec.mac.upper(), "lvx-job", (("IP", "192.168.122.10"), ("ALLOW_NET", "10.9.8.7")))
+    )
+    assert updated.tag == "interface"
+    assert updated.find("target").get("dev") == "vnet7"  # what libvirt added stays
+    assert [(p.get("name"), p.get("value")) for p in updated.findall("filterref/parameter")] == [
+        ("IP", "192.168.122.10"),
+        ("ALLOW_NET", "10.9.8.7"),
+    ]
+    with pytest.raises(ValueError, match="no interface with MAC 52:54:00:ff:ff:ff"):
+        interface_with_filter(live, "52:54:00:ff:ff:ff", "lvx-job", ())

@@ -126,3 +126,22 @@ def test_vm_addresses_of_a_slash_16_exclude_only_the_start_and_the_ends():
     assert str(addrs[0]) == "172.16.0.10" and str(addrs[-1]) == "172.16.255.254"
     assert len(addrs) == net.num_addresses - 2 - 9
     assert ipaddress.IPv4Address("172.16.1.1") in addrs  # only the subnet's own .1-.9 are special
+
+
+def test_pool_vm_names_are_ours_with_their_volumes_and_never_a_jobs():
+    vm = naming.pool_vm_name("lvx", "0a1b2c3d")
+    assert vm == "lvx-pool-0a1b2c3d"
+    assert naming.is_pool_name("lvx", vm) and naming.is_vm_name("lvx", vm)
+    assert naming.job_id_of("lvx", vm) is None
+    assert naming.vm_of_volume("lvx", naming.overlay_volume_name(vm)) == vm
+    assert naming.vm_of_volume("lvx", naming.seed_volume_name(vm)) == vm
+    for foreign in (
+        "lvx-pool-0A1B2C3D",
+        "lvx-pool-0a1b2c3",
+        "lvx-pool-0a1b2c3d0",
+        "lvxx-pool-0a1b2c3d",
+        "lvx-pool-job-1",
+    ):
+        assert not naming.is_vm_name("lvx", foreign), foreign
+    with pytest.raises(ValueError):
+        naming.pool_vm_name("lvx", "../../x")

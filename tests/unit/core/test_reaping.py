@@ -244,3 +244,44 @@ def test_parse_duration_rejects(text):
 )
 def test_format_duration(seconds, text):
     assert reaping.format_duration(seconds) == text
+
+
+# --- warm-pool VMs ------------------------------------------------------------------------------
+
+
+def pool_dom(vm: str, pool_state: str, **kw) -> DomainEntry:
+    record = make_record(vm=vm, job_id=0, pool_state=pool_state, created=NOW - 60, expires=NOW + 3600)
+    return DomainEntry(vm, kw.get("state", "paused"), record)
+
+
+def test_an_idle_pool_vm_is_kept_while_an_agent_runs_and_reaped_when_none_does():
+    inv = {"domains": (pool_dom("lvx-pool-0000000a", "idle"),), **pieces_for("lvx-pool-0000000a")}
+    assert names(select(Inventory(P, agent_running=True, **inv), NOW)) == {}
+    assert names(select(Inventory(P, agent_running=False, **inv), NOW)) == {
+        "lvx-pool-0000000a": reaping.REASON_AGENT_GONE
+    }
+
+
+def test_a_booting_pool_vm_is_busy_while_its_booter_holds_the_lock_and_abandoned_after():
+    inv = {"domains": (pool_dom("lvx-pool-0000000b", "booting", state="running"),), "agent_running": True}
+    assert names(select(Inventory(P, locked=frozenset({"lvx-pool-0000000b"}), **inv), NOW)) == {}
+    assert names(select(Inventory(P, **inv), NOW)) == {"lvx-pool-0000000b": reaping.REASON_ABANDONED}
+
+
+def test_a_claimed_pool_vm_lives_like_a_job_vm_until_its_expiry_and_its_claim_is_one_of_its_pieces():
+    claimed = DomainEntry(
+        "lvx-pool-0000000c",
+        "running",
+        make_record(vm="lvx-pool-0000000c", job_id=7, pool_state="claimed", expires=NOW + 60),
+    )
+    inv = Inventory(P, domains=(claimed,), claims={"lvx-job-7": "lvx-pool-0000000c"})
+    assert names(select(inv, NOW)) == {}  # no agent needed for a VM in a job
+    (target,) = select(inv, NOW + 60).reap
+    assert target.reason == reaping.REASON_EXPIRED and target.pieces.claims == ("lvx-job-7",)
+
+
+def test_a_claim_whose_pool_vm_is_gone_is_an_orphan_and_never_a_piece_of_the_jobs_own_name():
+    inv = Inventory(P, claims={"lvx-job-8": "lvx-pool-0000000d"})
+    plan = select(inv, NOW)
+    assert names(plan) == {"lvx-pool-0000000d": reaping.REASON_ORPHANED}
+    assert plan.reap[0].pieces.describe() == ["claim of lvx-job-8"]

@@ -133,6 +133,11 @@ def test_network_and_gateway_come_from_the_subnet():
         ("[admission]\nenabled = 1", "admission.enabled", "expected true or false"),
         ("[admission]\npool_margin_gib = -1", "admission.pool_margin_gib", "between 0 and 4096"),
         ("[admission]\nmemory_margin_mib = -5", "admission.memory_margin_mib", "between 0 and 262144"),
+        ("[pool]\nsize = -1", "pool.size", "between 0 (no pool) and 64"),
+        ("[pool]\nsize = 65", "pool.size", "between 0 (no pool) and 64"),
+        ('[pool]\nidle = "stopped"', "pool.idle", "must be 'paused' or 'running'"),
+        ("[pool]\nmax_idle = 10", "pool.max_idle", "between 60 and 604800 seconds"),
+        ('[pool]\nprepull = ["Not An Image"]', "pool.prepull", "invalid image name"),
         # structure
         ("[libvirtt]\nuri = 'x'", "libvirtt", "unknown section"),
         ("[vm]\nvcpu = 2", "vm.vcpu", "unknown key"),

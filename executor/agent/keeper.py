@@ -62,13 +62,16 @@ class Keeper:
         """One look at the pool: retire the unfit, boot one VM if it is short."""
         self.reload()
         s = self.settings
-        image = load_base_image(s.image.dir)
         drained = self.state.pool_drained(s.vm.name_prefix)
         with connect(s.libvirt.uri, naming.METADATA_NS) as hv:
+            vms = pool.survey(hv, s, self.state)
+            if s.pool.size <= 0 and not vms:
+                self.write_status(vms, "", drained)  # no pool: nothing to look at (not even the image)
+                return
+            image = load_base_image(s.image.dir)
             runner_volume = boot.runner_volume(hv, s, self.state, lambda line: None)
             fingerprint = pool.current_fingerprint(s, image, runner_volume)
-            vms = pool.survey(hv, s, self.state)
-            unfit = decide.to_retire(vms, fingerprint, time.time(), s.pool.max_idle, drained)
+            unfit = decide.to_retire(vms, fingerprint, time.time(), s.pool.max_idle, drained, s.pool.size)
             unfit += self._silent_ones(hv, vms, {name for name, _ in unfit})
             for vm, why in unfit:
                 if pool.retire(hv, s, self.state, vm):

@@ -48,15 +48,23 @@ def claimable(vms: Iterable[PoolVM], current: str) -> list[str]:
     return [vm.name for vm in sorted(fit, key=lambda vm: (vm.created, vm.name))]
 
 
-def to_retire(vms: Iterable[PoolVM], current: str, now: float, max_idle: float, drained: bool) -> list[tuple[str, str]]:
-    """(name, why) of the unclaimed VMs nobody works on that must go now."""
+def to_retire(
+    vms: Iterable[PoolVM], current: str, now: float, max_idle: float, drained: bool, size: int
+) -> list[tuple[str, str]]:
+    """(name, why) of the unclaimed VMs nobody works on that must go now: the unfit ones, and
+    the oldest fit ones beyond `size` (the operator shrank the pool)."""
     gone = []
+    fit = []
     for vm in sorted(vms, key=lambda v: v.name):
         if vm.locked or vm.pool_state not in (POOL_IDLE, POOL_BOOTING):
             continue
         why = _unfit(vm, current, now, max_idle, drained)
         if why:
             gone.append((vm.name, why))
+        else:
+            fit.append(vm)
+    surplus = sorted(fit, key=lambda v: (v.created, v.name))[: max(0, len(fit) - size)]
+    gone += [(vm.name, f"the pool holds more than pool.size = {size}") for vm in surplus]
     return gone
 
 

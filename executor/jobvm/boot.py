@@ -314,7 +314,7 @@ def _write_seed(
             host_key_private=host_private,
             host_key_public=host_public,
             daemon_json=daemon_json(settings, ip, mirrors),
-            ca_certificates=_extra_cas(settings),
+            ca_certificates=extra_cas(settings),
             docker_tls=(tls.ca_cert, tls.server_cert, tls.server_key),
         )
     )
@@ -342,7 +342,7 @@ def daemon_json(settings: Settings, ip: str, mirrors: list[str]) -> dict[str, An
     return config
 
 
-def _extra_cas(settings: Settings) -> str:
+def extra_cas(settings: Settings) -> str:
     if not settings.docker.ca_file:
         return ""
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -34,9 +35,9 @@ from executor.core.domain_xml import (
     metadata_xml,
     parse_job_record,
 )
-from executor.core.settings import Settings, settings_toml
+from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred
-from executor.errors import SystemFailure
+from executor.errors import Interrupted, SystemFailure
 from executor.jobvm import boot
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.record import alive_and_answering
@@ -50,11 +51,22 @@ PREPULL_PROGRESS_S = 30.0  # how often the keeper's log says how a prepull goes
 
 
 def current_fingerprint(settings: Settings, image: BaseImage, runner_volume: str) -> str:
-    """What an idle VM must be made from now. pool.size is left out: resizing the pool does
-    not make its VMs unfit."""
+    """What an idle VM must be made from now: the image, the runner binary, and every setting
+    that shapes a VM as it boots (its domain, seed, daemon.json, network policy, prepulls).
+    Settings read only when a job comes (pull policies, allowed images, timeouts, pool.size)
+    leave idle VMs fit."""
     identity = f"{image.manifest.get('recipe_hash', '')}@{image.manifest.get('built_at', '')}"
-    unsized = dataclasses.replace(settings, pool=dataclasses.replace(settings.pool, size=0))
-    return decide.fingerprint(identity, runner_volume, settings_toml(unsized))
+    d = settings.docker
+    shaping = {
+        "libvirt": dataclasses.asdict(settings.libvirt),
+        "vm": dataclasses.asdict(settings.vm),
+        "limits": dataclasses.asdict(settings.limits),
+        "network": dataclasses.asdict(settings.network),
+        "mirror": dataclasses.asdict(settings.mirror),
+        "docker": [d.registry_mirrors, d.insecure_registries, boot.extra_cas(settings)],
+        "pool": [settings.pool.idle, settings.pool.prepull],
+    }
+    return decide.fingerprint(identity, runner_volume, json.dumps(shaping, sort_keys=True))
 
 
 def survey(hv: Hypervisor, settings: Settings, state: StateDir) -> list[decide.PoolVM]:
@@ -218,10 +230,12 @@ def claim(
             try:
                 _write_record(hv, mine)
                 ready = _wake(hv, settings, state, vm, mine)
-            except SystemFailure as exc:
-                out(f"the pool VM {vm} failed its check before handout ({exc}): removed, trying the next")
+            except BaseException as exc:
                 with signals_deferred():
-                    discard(hv, settings, state, vm)
+                    discard(hv, settings, state, vm)  # claimed for this job: nobody else may have it
+                if not isinstance(exc, SystemFailure) or isinstance(exc, Interrupted):
+                    raise
+                out(f"the pool VM {vm} failed its check before handout ({exc}): removed, trying the next")
                 continue
             held.push(attempt.pop_all())
             return ready

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,21 @@ def test_network_policy_check_fails_with_the_fix(hv, tmp_path, monkeypatch, nwfi
     fake_image(tmp_path / "image")
     check = by_name(doctor(write_config(tmp_path, nwfilter=nwfilter)))["network policy"]
     assert check.ok is False and says in check.detail and fix in check.fix
+
+
+def test_a_pool_without_its_agent_fails_and_with_a_fresh_agent_passes(hv, tmp_path):
+    from executor.adapters.hostfiles import load_settings
+    from executor.adapters.statedir import StateDir
+    from executor.agent import client
+
+    fake_image(tmp_path / "image")
+    config = write_config(tmp_path, extra="[pool]\nsize = 2\n")
+    check = by_name(doctor(config))["warm pool"]
+    assert check.ok is False and "pool.size = 2 but no host agent runs: every job boots cold" in check.detail
+    assert check.line().endswith("-> fix: libvirt-executor agent start")
+    settings = load_settings(config)
+    StateDir(settings.paths.state_dir).write_agent_status(settings.vm.name_prefix, {"updated": int(time.time())})
+    with client.service(settings).hold():
+        check = by_name(doctor(config))["warm pool"]
+    assert check.ok and check.detail == f"agent pid {os.getpid()}: 0 of 2 idle, 0 booting, 0 in a job"
+    assert "warm pool" not in by_name(doctor(write_config(tmp_path)))  # no pool, no check

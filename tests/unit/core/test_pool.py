@@ -60,7 +60,7 @@ def test_only_idle_unlocked_vms_of_the_current_fingerprint_are_claimable_oldest_
     ],
 )
 def test_each_reason_an_unclaimed_vm_is_retired(fields, why):
-    (gone,) = pool.to_retire([vm("lvx-pool-00000001", **fields)], FP, NOW, 3600, drained=False)
+    (gone,) = pool.to_retire([vm("lvx-pool-00000001", **fields)], FP, NOW, 3600, drained=False, size=1)
     assert gone[0] == "lvx-pool-00000001" and gone[1].startswith(why)
 
 
@@ -68,9 +68,24 @@ def test_a_fit_idle_vm_stays_a_locked_or_claimed_one_is_never_retired_and_a_drai
     fit = vm("lvx-pool-00000001")
     locked = vm("lvx-pool-00000002", locked=True, frozen=True)  # a claim is working on it
     claimed = vm("lvx-pool-00000003", pool_state="claimed", fingerprint="older", created=NOW - 99999)
-    assert pool.to_retire([fit, locked, claimed], FP, NOW, 3600, drained=False) == []
-    assert pool.to_retire([fit, locked, claimed], FP, NOW, 3600, drained=True) == [
+    assert pool.to_retire([fit, locked, claimed], FP, NOW, 3600, drained=False, size=1) == []
+    assert pool.to_retire([fit, locked, claimed], FP, NOW, 3600, drained=True, size=1) == [
         ("lvx-pool-00000001", "the pool is drained")
+    ]
+
+
+def test_a_shrunk_pool_retires_its_oldest_fit_idle_vms_beyond_the_size():
+    vms = [vm(f"lvx-pool-0000000{i}", created=NOW - 100 * i) for i in range(1, 4)] + [vm("x", state="shutoff")]
+    gone = pool.to_retire(vms, FP, NOW, 3600, drained=False, size=1)
+    assert gone == [
+        ("x", "its QEMU is gone (state shutoff)"),
+        ("lvx-pool-00000003", "the pool holds more than pool.size = 1"),
+        ("lvx-pool-00000002", "the pool holds more than pool.size = 1"),
+    ]
+    assert [name for name, _ in pool.to_retire(vms, FP, NOW, 3600, drained=False, size=0)][1:] == [
+        "lvx-pool-00000003",
+        "lvx-pool-00000002",
+        "lvx-pool-00000001",
     ]
 
 

@@ -224,3 +224,39 @@ def test_pool_status_drain_and_fill(hv, tmp_settings, state):
     assert pool_admin.status(settings)["drained"] is True
     assert pool_admin.fill(settings).startswith("no longer drained")
     assert pool_admin.fill(settings) == "the pool is not drained"
+
+
+def test_sigterm_during_the_claims_check_removes_the_claimed_vm_and_stops(hv, tmp_settings, state, monkeypatch):
+    from executor.errors import Interrupted
+
+    vm = idle_vm(hv, tmp_settings, state, "00000004")
+
+    def cancelled(*args):
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(pool, "_wake", cancelled)
+    said: list[str] = []
+    with pytest.raises(Interrupted):
+        pool.claim(hv, tmp_settings, state, "lvx-job-81", FP, for_job, ExitStack(), said.append)
+    assert pieces_of(hv, state, vm) == [] and said == []  # claimed for a job that is gone: removed
+
+
+def test_the_fingerprint_follows_what_shapes_a_booted_vm_not_what_a_job_reads(tmp_settings, tmp_path):
+    settings, _ = _keeper_settings(tmp_settings, tmp_path, size=1)
+    from executor.adapters.hostfiles import load_base_image
+    from executor.core.settings import DockerSettings, VMSettings
+
+    image = load_base_image(settings.image.dir)
+    now = pool.current_fingerprint(settings, image, "")
+    same = [
+        dataclasses.replace(settings, pool=PoolSettings(size=5)),
+        dataclasses.replace(settings, docker=DockerSettings(pull_policy=("if-not-present",), allowed_images=("a/*",))),
+    ]
+    different = [
+        dataclasses.replace(settings, vm=VMSettings(vcpus=4)),
+        dataclasses.replace(settings, docker=DockerSettings(insecure_registries=("reg.example:5000",))),
+        dataclasses.replace(settings, pool=PoolSettings(size=1, prepull=("alpine:3",))),
+    ]
+    assert all(pool.current_fingerprint(s, image, "") == now for s in same)
+    assert all(pool.current_fingerprint(s, image, "") != now for s in different)
+    assert pool.current_fingerprint(settings, image, "lvx-runner-0123456789abcdef.iso") != now

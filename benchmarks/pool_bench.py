@@ -95,6 +95,7 @@ def main() -> None:
                 for policy in ("if-not-present", "always")
             }
             cold = bench_config(args.config, root / "cold.toml", "lvxcoldb", reg.address, pool=PoolSettings())
+            settings = load_settings(str(pooled["always"]))
             agent = subprocess.Popen(
                 [sys.executable, "-m", "executor", "--config", str(pooled["always"]), "agent"],
                 stdout=open(root / "agent.log", "ab"),  # noqa: SIM115 (the process keeps it)
@@ -106,25 +107,31 @@ def main() -> None:
                 for k in ("shell pool", "shell cold", "image pool if-not-present", "image pool always", "image cold")
             }
             payload = {"image": {"name": image}}
+            failures: list[str] = []
             try:
                 for n in range(args.rounds):
                     base = 890_000 + 10 * n
                     policy = ("if-not-present", "always")[n % 2]
                     print(f"round {n + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
-                    settle(pooled["always"])
-                    results["shell pool"].append(one(pooled["always"], root, base, None, "pool"))
-                    settle(pooled["always"])
-                    results["shell cold"].append(one(cold, root, base + 1, None, "cold"))
-                    settle(pooled["always"])
-                    results[f"image pool {policy}"].append(one(pooled[policy], root, base + 2, payload, "pool"))
-                    settle(pooled["always"])
-                    results["image cold"].append(one(cold, root, base + 3, payload, "cold"))
+                    for k, (kind, config, job_payload, source) in enumerate(
+                        (
+                            ("shell pool", pooled["always"], None, "pool"),
+                            ("shell cold", cold, None, "cold"),
+                            (f"image pool {policy}", pooled[policy], payload, "pool"),
+                            ("image cold", cold, payload, "cold"),
+                        )
+                    ):
+                        settle(pooled["always"])
+                        try:
+                            results[kind].append(one(config, root, base + k, job_payload, source))
+                        except SystemExit as failed:  # counted and shown, not hidden: the run goes on
+                            failures.append(f"{kind}, job {base + k}: {str(failed)[-3000:]}")
+                            print(f"FAILED {kind}: {str(failed)[-3000:]}", file=sys.stderr, flush=True)
             finally:
                 agent.send_signal(signal.SIGTERM)
                 agent.wait(timeout=180)
                 for config in (*pooled.values(), cold):
                     reap(load_settings(str(config)))
-    settings = load_settings(str(pooled["always"]))
     print(
         f"pool bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.rounds} rounds; "
         f"VMs {settings.vm.vcpus} vCPU / {settings.vm.memory_mib} MiB; image {image} ({size / 1e6:.1f} MB compressed), "
@@ -135,6 +142,9 @@ def main() -> None:
     for name, figures in results.items():
         if figures:
             print(row(name, figures))
+    print(f"failed prepares: {len(failures)}")
+    for failure in failures:
+        print(f"  {failure.splitlines()[0]} ... {failure.splitlines()[-1]}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ SIGKILL, `reap` does."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from executor.agent import client
 from executor.agent.keeper import Keeper
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted
-from executor.errors import ExecutorError, Interrupted
+from executor.errors import ExecutorError, Interrupted, describe
+
+log = logging.getLogger(__name__)
 
 ROUND_S = 2.0  # between two looks at the pool (a claim is refilled within this)
 
@@ -31,12 +34,14 @@ def serve(settings: Settings, config_file: str, say: Callable[[str], None]) -> N
                 while True:
                     try:
                         keeper.round()
-                    except (ExecutorError, OSError) as exc:
-                        if isinstance(exc, Interrupted):
-                            raise
-                        if str(exc) != keeper.last_error:  # said once, not every round
-                            say(f"pool round failed: {exc}")
-                        keeper.last_error = str(exc)
+                    except Interrupted:
+                        raise
+                    except Exception as exc:  # one bad round (libvirtd restarting, a bug) must not end the agent
+                        text = describe(exc)
+                        if text != keeper.last_error:  # said once, not every round
+                            say(f"pool round failed: {text}")
+                            log.debug("details", exc_info=True)
+                        keeper.last_error = text
                     time.sleep(ROUND_S)
         except Interrupted as exc:
             say(f"stopping ({exc}): removing the idle VMs")

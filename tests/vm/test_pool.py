@@ -17,8 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from executor.adapters.hostfiles import load_settings
@@ -210,6 +212,38 @@ def test_image_mode_with_a_prepulled_image_starts_without_a_pull(pool, registry)
         assert result.rc == 0 and MARKER in result.stdout, result.describe()
     finally:
         assert job.cleanup().rc == 0
+
+
+def test_a_claimed_vm_gets_its_jobs_network_allowances_on_its_running_filter(pool):
+    # The job's GitLab server is in a blocked range: the job's VM must reach it, a pool VM
+    # booted before the job could not know it. Only the filter is looked at: no packet is sent.
+    config = pool["config"]
+    idle = wait_idle(config)
+    before = filter_parameters(idle)
+    assert ("ALLOW_NET", "10.255.0.7") not in before
+    job = RunnerSim(
+        config, pool["root"] / "job4", 7104, payload_extra={"git_info": {"repo_url": "http://10.255.0.7/g/p.git"}}
+    )
+    prepared = job.prepare()
+    try:
+        assert prepared.rc == 0 and vm_of(prepared) == idle, prepared.describe()
+        assert "allowing the job's GitLab server 10.255.0.7 (10.255.0.7)" in prepared.stdout
+        after = filter_parameters(idle)
+        assert ("ALLOW_NET", "10.255.0.7") in after and ("ALLOW_MASK", "32") in after
+        assert [p for p in after if p[0] != "ALLOW_NET" and p[0] != "ALLOW_MASK"] == [
+            p for p in before if p[0] != "ALLOW_NET" and p[0] != "ALLOW_MASK"
+        ]
+    finally:
+        assert job.cleanup().rc == 0
+
+
+def filter_parameters(vm: str) -> list[tuple[str, str]]:
+    conn = libvirt.open("qemu:///system")
+    try:
+        root = ET.fromstring(conn.lookupByName(vm).XMLDesc(0))
+    finally:
+        conn.close()
+    return [(p.get("name"), p.get("value")) for p in root.findall("./devices/interface/filterref/parameter")]
 
 
 def test_a_rebuilt_base_image_retires_the_idle_vm(pool, image_copy):

@@ -260,3 +260,12 @@ def test_the_fingerprint_follows_what_shapes_a_booted_vm_not_what_a_job_reads(tm
     assert all(pool.current_fingerprint(s, image, "") == now for s in same)
     assert all(pool.current_fingerprint(s, image, "") != now for s in different)
     assert pool.current_fingerprint(settings, image, "lvx-runner-0123456789abcdef.iso") != now
+
+
+def test_without_a_pool_the_keepers_round_looks_at_nothing_but_libvirt(hv, tmp_settings, tmp_path, state):
+    settings = dataclasses.replace(tmp_settings, image=ImageSettings(dir=str(tmp_path / "no-image-built-yet")))
+    config = tmp_path / "config.toml"
+    config.write_text(settings_toml(settings))
+    said: list[str] = []
+    Keeper(str(config), settings, said.append).round()  # no ConfigError about the missing image
+    assert said == [] and state.read_agent_status("lvx")["size"] == 0

@@ -242,6 +242,32 @@ class GuestDocker:
             raise _daemon_error(f"inspecting {name}", exc) from None
         return state if isinstance(state, dict) else {}
 
+    def container_commands(self, name: str) -> list[str]:
+        """The command lines of the container's processes (`docker top`); [] when it runs none
+        or is gone."""
+        try:
+            top = self._api.top(name)
+        except docker.errors.APIError:
+            return []  # not running (any more)
+        except requests.exceptions.RequestException as exc:
+            raise _daemon_error(f"listing the processes of {name}", exc) from None
+        titles = top.get("Titles") or []
+        column = titles.index("CMD") if "CMD" in titles else len(titles) - 1
+        return [str(row[column]) for row in top.get("Processes") or [] if len(row) > column >= 0]
+
+    def run_throwaway(self, image: str, argv: Sequence[str]) -> int:
+        """Run `argv` in a new container of `image` and remove it; its exit code."""
+        try:
+            created = self._api.create_container(image, command=list(argv), host_config=self._api.create_host_config())
+            try:
+                self._api.start(created["Id"])
+                code = self._api.wait(created["Id"], timeout=120).get("StatusCode")
+            finally:
+                self._api.remove_container(created["Id"], force=True)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise _daemon_error(f"running a container of {image}", exc) from None
+        return int(code) if isinstance(code, int) else 255
+
     def container_address(self, name: str, network: str) -> str | None:
         try:
             networks = self._api.inspect_container(name)["NetworkSettings"]["Networks"]

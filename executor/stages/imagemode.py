@@ -33,6 +33,8 @@ PROGRESS_EVERY_S = 5.0
 # Keeps the build container alive between stages (each stage is an exec into it); the image's
 # own entrypoint runs first and is expected to exec its arguments, as with GitLab.
 KEEPALIVE = ("sh", "-c", 'trap "exit 0" TERM; while :; do sleep 3600 & wait $!; done')
+KEEPALIVE_PROCESS = "sleep 3600"  # in the container's processes once the keepalive runs
+ENTRYPOINT_WAIT_S = 2.0  # how long an entrypoint that ignores its arguments takes to end the container
 
 
 def build_container_name(vm: str) -> str:
@@ -346,9 +348,14 @@ def _start_build_container(
             extra_hosts=extra_hosts,
         )
     )
-    # An entrypoint that does not exec its arguments ends the container at once.
-    stopped = poll(lambda: not (docker.container_state(name) or {}).get("Running"), 2.0, interval=0.5)
-    if stopped:
+    # An entrypoint that does not exec its arguments ends the container at once. One that did
+    # runs the keepalive: seen, there is nothing left to wait for.
+    def settled() -> str | None:
+        if not (docker.container_state(name) or {}).get("Running"):
+            return "stopped"
+        return "running" if any(KEEPALIVE_PROCESS in c for c in docker.container_commands(name)) else None
+
+    if poll(settled, ENTRYPOINT_WAIT_S, interval=0.1, max_interval=0.5) == "stopped":
         state = docker.container_state(name) or {}
         raise JobRefused(
             f"the build container of {image.name} stopped right away (exit code {state.get('ExitCode')}): its "

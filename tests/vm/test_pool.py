@@ -214,6 +214,19 @@ def test_image_mode_with_a_prepulled_image_starts_without_a_pull(pool, registry)
         assert job.cleanup().rc == 0
 
 
+def test_an_entrypoint_that_ends_the_build_container_is_the_jobs_fault(pool, registry):
+    config = pool["config"]
+    claimed = wait_idle(config)
+    image = {"name": registry["tools"], "entrypoint": ["sh", "-c", "echo this-entrypoint-ignores-its-arguments"]}
+    job = RunnerSim(config, pool["root"] / "job5", 7105, payload_extra={"image": image})
+    prepared = job.prepare()
+    assert prepared.rc == 1, prepared.describe()  # a build failure: the job asked for it
+    assert "stopped right away (exit code 0): its entrypoint does not run the job's shell" in prepared.stderr
+    assert "this-entrypoint-ignores-its-arguments" in prepared.stderr
+    assert job.cleanup().rc == 0
+    assert claimed not in [v["name"] for v in status(config)["vms"]]  # rolled back with the job
+
+
 def test_a_claimed_vm_gets_its_jobs_network_allowances_on_its_running_filter(pool):
     # The job's GitLab server is in a blocked range: the job's VM must reach it, a pool VM
     # booted before the job could not know it. Only the filter is looked at: no packet is sent.

@@ -163,15 +163,7 @@ class StateDir:
 
     def reservations(self) -> dict[str, str]:
         """ip -> VM name, for every reservation on disk."""
-        result: dict[str, str] = {}
-        if not self.leases.is_dir():
-            return result
-        for p in self.leases.iterdir():
-            try:
-                result[p.name] = p.read_text().strip()
-            except FileNotFoundError:
-                continue
-        return result
+        return _names_in(self.leases)
 
     def release_unowned_ips(self) -> list[str]:
         """Remove reservations naming no VM. `allocate_ip` creates the file and then writes the
@@ -189,12 +181,7 @@ class StateDir:
         return sorted(released)
 
     def release_ip(self, vm: str) -> list[str]:
-        released = []
-        for ip, owner in self.reservations().items():
-            if owner == vm:
-                _unlink(self.leases / ip)
-                released.append(ip)
-        return released
+        return _remove_naming(self.leases, vm)
 
     # --- per-job files -------------------------------------------------------------------
 
@@ -275,26 +262,11 @@ class StateDir:
 
     def claims(self) -> dict[str, str]:
         """job VM name -> the pool VM serving it, for every claim on disk."""
-        if not self.claims_dir.is_dir():
-            return {}
-        found = {}
-        for p in self.claims_dir.iterdir():
-            if p.name.startswith("."):
-                continue
-            try:
-                found[p.name] = p.read_text().strip()
-            except FileNotFoundError:
-                continue
-        return found
+        return _names_in(self.claims_dir)
 
     def release_claims(self, vm: str) -> list[str]:
         """Remove the claims naming `vm` (the VM is gone); the job VM names they were for."""
-        released = []
-        for job_vm, target in self.claims().items():
-            if target == vm:
-                _unlink(self.claims_dir / job_vm)
-                released.append(job_vm)
-        return sorted(released)
+        return _remove_naming(self.claims_dir, vm)
 
     # --- the host agent (per name prefix) ---------------------------------------------------
 
@@ -365,6 +337,30 @@ def _held_flock(path: Path, timeout: float, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _names_in(directory: Path) -> dict[str, str]:
+    """file name -> the VM name it holds, for a directory of such files (IP reservations,
+    claims); files being written (dot files) are left out."""
+    found: dict[str, str] = {}
+    if not directory.is_dir():
+        return found
+    for p in directory.iterdir():
+        if p.name.startswith("."):
+            continue
+        try:
+            found[p.name] = p.read_text().strip()
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _remove_naming(directory: Path, vm: str) -> list[str]:
+    """Remove the files of `directory` that hold `vm`; their names, sorted."""
+    removed = sorted(name for name, owner in _names_in(directory).items() if owner == vm)
+    for name in removed:
+        _unlink(directory / name)
+    return removed
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -93,11 +93,12 @@ def drain(settings: Settings) -> list[str]:
     if state.set_pool_drained(settings.vm.name_prefix, True):
         lines.append("marked drained: the agent boots no pool VMs until `pool fill`")
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
-        for vm in pool.survey(hv, settings, state):
-            if vm.pool_state in (POOL_IDLE, POOL_BOOTING) and pool.retire(hv, settings, state, vm.name):
-                lines.append(f"removed {vm.name} ({vm.pool_state})")
-            elif vm.pool_state == POOL_CLAIMED:
-                lines.append(f"{vm.name} is in a job: it goes with the job's cleanup")
+        lines += [f"removed {vm} ({was})" for vm, was in pool.retire_idle(hv, settings, state)]
+        lines += [
+            f"{vm.name} is in a job: it goes with the job's cleanup"
+            for vm in pool.survey(hv, settings, state)
+            if vm.pool_state == POOL_CLAIMED
+        ]
     return lines or ["already drained: no idle VMs"]
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from executor.adapters.hostfiles import load_base_image, load_settings
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.statedir import StateDir
 from executor.core import naming
 from executor.core import pool as decide
+from executor.core.baseimage import BaseImage
 from executor.core.domain_xml import POOL_BOOTING, POOL_CLAIMED, POOL_IDLE
 from executor.core.settings import Settings
 from executor.errors import ConfigError, ExecutorError, Interrupted
@@ -41,6 +41,7 @@ class Keeper:
         self._silent: dict[str, int] = {}
         self._next_probe = 0.0
         self._refused = ""
+        self._said = ""
 
     @property
     def state(self) -> StateDir:
@@ -51,12 +52,19 @@ class Keeper:
         try:
             fresh = load_settings(self.config_file)
         except ConfigError as exc:
-            self.say(f"keeping the previous config: {exc}")
+            self._say_once(f"keeping the previous config: {exc}")
             return
         if fresh.vm.name_prefix != self.settings.vm.name_prefix or fresh.paths != self.settings.paths:
-            self.say("vm.name_prefix and [paths] take effect when the agent restarts")
+            self._say_once("keeping the previous config: vm.name_prefix and [paths] change when the agent restarts")
             return
+        self._said = ""
         self.settings = fresh
+
+    def _say_once(self, line: str) -> None:
+        """Say a line that every round would repeat only when it changes."""
+        if line != self._said:
+            self.say(line)
+        self._said = line
 
     def round(self, alive: Callable[[], bool] = lambda: True) -> None:
         """One look at the pool: retire the unfit, boot one VM if it is short."""
@@ -86,7 +94,7 @@ class Keeper:
                 self._boot_one(hv, image, fingerprint, runner_volume, alive)
                 self.write_status(pool.survey(hv, s, self.state), fingerprint, drained)
 
-    def _admitted(self, hv: Hypervisor, image: Any) -> bool:
+    def _admitted(self, hv: Hypervisor, image: BaseImage) -> bool:
         try:
             boot.admit(hv, self.settings, image, vms=2)
         except ExecutorError as exc:
@@ -98,7 +106,7 @@ class Keeper:
         return True
 
     def _boot_one(
-        self, hv: Hypervisor, image: Any, fingerprint: str, runner_volume: str, alive: Callable[[], bool]
+        self, hv: Hypervisor, image: BaseImage, fingerprint: str, runner_volume: str, alive: Callable[[], bool]
     ) -> None:
         started = time.monotonic()
         try:
@@ -137,11 +145,9 @@ class Keeper:
 
     def drain(self, why: str) -> None:
         """Remove every idle VM nobody works on (the agent stops)."""
-        s = self.settings
-        with connect(s.libvirt.uri, naming.METADATA_NS) as hv:
-            for vm in pool.survey(hv, s, self.state):
-                if vm.pool_state in (POOL_IDLE, POOL_BOOTING) and pool.retire(hv, s, self.state, vm.name):
-                    self.say(f"removed {vm.name}: {why}")
+        with connect(self.settings.libvirt.uri, naming.METADATA_NS) as hv:
+            for vm, _ in pool.retire_idle(hv, self.settings, self.state):
+                self.say(f"removed {vm}: {why}")
 
     def write_status(self, vms: list[decide.PoolVM], fingerprint: str, drained: bool) -> None:
         counts = {

@@ -332,6 +332,16 @@ def retire(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> bool
     return True
 
 
+def retire_idle(hv: Hypervisor, settings: Settings, state: StateDir) -> list[tuple[str, str]]:
+    """Remove every unclaimed pool VM nobody works on (drain, the agent stopping); (name, the
+    state it was in) of each removed."""
+    return [
+        (vm.name, vm.pool_state)
+        for vm in survey(hv, settings, state)
+        if vm.pool_state in (POOL_IDLE, POOL_BOOTING) and retire(hv, settings, state, vm.name)
+    ]
+
+
 def answers_ssh(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> bool:
     """Whether a running idle VM accepts its SSH key now (the keeper's check in "running"
     idle mode; a paused one cannot answer and is checked at its claim)."""

@@ -348,6 +348,7 @@ def _start_build_container(
             extra_hosts=extra_hosts,
         )
     )
+
     # An entrypoint that does not exec its arguments ends the container at once. One that did
     # runs the keepalive: seen, there is nothing left to wait for.
     def settled() -> str | None:

@@ -200,7 +200,9 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     if spec.nwfilter:
         # Pin the VM to its assigned address (no IP/MAC/ARP spoofing of other jobs' VMs), and
         # with our filter, the destinations it may reach.
-        _add_filterref(iface, spec.nwfilter, spec.filter_parameters or (("IP", spec.ip), ("CTRL_IP_LEARNING", "none")))
+        iface.append(
+            _filterref(spec.nwfilter, spec.filter_parameters or (("IP", spec.ip), ("CTRL_IP_LEARNING", "none")))
+        )
     # Isolated ports cannot talk to each other, only to the bridge (host) and beyond.
     _sub(iface, "port", isolated="yes")
     if spec.limits.net_kib_sec:
@@ -220,8 +222,8 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     _sub(devices, "memballoon", model="none")
 
 
-def _add_filterref(iface: ET.Element, nwfilter: str, parameters: tuple[tuple[str, str], ...]) -> ET.Element:
-    ref = _sub(iface, "filterref", filter=nwfilter)
+def _filterref(nwfilter: str, parameters: tuple[tuple[str, str], ...]) -> ET.Element:
+    ref = ET.Element("filterref", filter=nwfilter)
     for name, value in parameters:
         _sub(ref, "parameter", name=name, value=value)
     return ref
@@ -237,12 +239,11 @@ def interface_with_filter(domain_xml: str, mac: str, nwfilter: str, parameters: 
         if mac_el is None or (mac_el.get("address") or "").lower() != mac.lower():
             continue
         old = iface.find("filterref")
-        position = list(iface).index(old) if old is not None else len(iface)
+        position = len(iface)
         if old is not None:
+            position = list(iface).index(old)
             iface.remove(old)
-        ref = _add_filterref(iface, nwfilter, parameters)
-        iface.remove(ref)
-        iface.insert(position, ref)
+        iface.insert(position, _filterref(nwfilter, parameters))
         return ET.tostring(iface, encoding="unicode")
     raise ValueError(f"the domain has no interface with MAC {mac}")
 

@@ -85,7 +85,13 @@ def prepare_cmd(obj: _Context) -> None:
     from executor.stages.prepare import prepare
 
     job = _job()
-    prepare(obj.settings, job, out=click.echo, credentials=lambda: load_registry_credentials(os.environ))
+    prepare(
+        obj.settings,
+        job,
+        out=click.echo,
+        credentials=lambda: load_registry_credentials(os.environ),
+        config_file=os.path.abspath(obj.config_file),
+    )
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True})
@@ -103,13 +109,35 @@ def run_cmd(obj: _Context, script: str, stage: str) -> None:
         raise
 
 
+@cli.command("hold-connection", hidden=True)
+@click.argument("vm")
+@click.option("--fd", "listen_fd", type=int, required=True, help="The listening socket prepare passes on.")
+@click.pass_obj
+def hold_connection_cmd(obj: _Context, vm: str, listen_fd: int) -> None:
+    """The job's connection holder (started by prepare, detached): runs the job's stages over
+    one SSH connection until the job's VM is gone."""
+    from executor.stages.holder import serve
+
+    serve(obj.settings, _job(), vm, listen_fd)
+
+
 @cli.command("cleanup")
 @click.pass_obj
 def cleanup_cmd(obj: _Context) -> None:
-    """cleanup_exec: destroy the job's VM and remove everything it used."""
+    """cleanup_exec: destroy the job's VM; everything it used is removed in the background."""
     from executor.stages.cleanup import cleanup
 
-    cleanup(obj.settings, _job())
+    cleanup(obj.settings, _job(), config_file=os.path.abspath(obj.config_file))
+
+
+@cli.command("remove-job", hidden=True)
+@click.argument("job_id", type=int)
+@click.pass_obj
+def remove_job_cmd(obj: _Context, job_id: int) -> None:
+    """Cleanup's detached remover: remove everything of job JOB_ID's (destroyed) VM."""
+    from executor.stages.cleanup import remove
+
+    remove(obj.settings, job_id)
 
 
 # --- operator commands --------------------------------------------------------------------

@@ -111,6 +111,10 @@ class GuestSSH:
             self._stop_watch.set()
         self._client.close()
 
+    def connected(self) -> bool:
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
+
     def probe(self, timeout: float) -> float | None:
         """Open and close a session: the VM's kernel and sshd must both answer. The seconds it
         took, or None if it did not answer within `timeout` (or the connection is gone)."""

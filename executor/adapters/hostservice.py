@@ -69,9 +69,7 @@ class Service:
             os.close(fd)
 
     def rotate_log(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if self.log.stat().st_size > LOG_ROTATE_BYTES:
-                os.replace(self.log, self.log.with_name(self.log.name + ".1"))
+        rotate(self.log)
 
     def log_tail(self, lines: int = 5, prefix: str = "") -> str:
         """The log's last `lines` lines (those starting with `prefix`)."""
@@ -86,12 +84,7 @@ class Service:
     def spawn(self, argv: list[str]) -> int:
         """Start `argv` detached from us (own session, no inherited descriptors, output to the
         log); its pid once it holds the lock."""
-        self.rotate_log()
-        self.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/", close_fds=True
-            )
+        proc = start_detached(argv, self.log)
 
         def holds_the_lock() -> int | None:
             pid = self.pid()
@@ -116,6 +109,34 @@ class Service:
         if poll(lambda: self.pid() is None, timeout, interval=0.1, max_interval=0.5) is None:
             raise SystemFailure(f"{self.what} (pid {pid}) did not stop within {timeout:.0f} s")
         return pid
+
+
+def start_detached(argv: list[str], log: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start `argv` in a session of its own (a signal to our process group is not for it), cwd
+    /, stdin /dev/null, output appended to `log` (0600, rotated), no descriptor of ours but
+    `pass_fds`: nobody waiting for our output or our end waits for it."""
+    rotate(log)
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            cwd="/",
+            close_fds=True,
+            pass_fds=pass_fds,
+        )
+    finally:
+        os.close(fd)
+
+
+def rotate(log: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if log.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log, log.with_name(log.name + ".1"))
 
 
 def this_command() -> list[str]:

@@ -39,6 +39,8 @@ from executor.core.waiting import Deadline, poll
 from executor.errors import SystemFailure
 
 CLIENT_KEY = "client_key"
+LOST = "lost"  # why the job's VM was found dead or silent, for the job's later stages
+REMOVING = "removing"  # cleanup stopped the VM; its remover removes the rest
 DOCKER_DIR = "docker"
 DOCKER_CA, DOCKER_CERT, DOCKER_KEY = f"{DOCKER_DIR}/ca.pem", f"{DOCKER_DIR}/cert.pem", f"{DOCKER_DIR}/key.pem"
 
@@ -236,6 +238,32 @@ class StateDir:
             return (self.job_dir(vm) / CLIENT_KEY).read_text()
         except FileNotFoundError:
             raise SystemFailure(f"no SSH key for {vm}: was prepare run for this job?") from None
+
+    def holder_file(self, vm: str, suffix: str) -> Path:
+        """`<job dir>/holder.<suffix>`: the job's connection holder's sock, lock and log."""
+        return self.job_dir(vm) / f"holder.{suffix}"
+
+    def mark_lost(self, vm: str, reason: str) -> None:
+        """Remember that the job's VM was found dead or silent (only while its job dir exists:
+        after teardown there is no job left to tell)."""
+        if self.job_dir(vm).is_dir():
+            with contextlib.suppress(OSError):
+                self._write_private(vm, LOST, reason)
+
+    def lost_reason(self, vm: str) -> str | None:
+        """Why the job's VM was found dead or silent earlier in its job; None if it was not."""
+        try:
+            return (self.job_dir(vm) / LOST).read_text() or None
+        except OSError:
+            return None
+
+    def mark_removing(self, vm: str) -> None:
+        """Cleanup stopped `vm` for good; the rest goes in the background (or through reap)."""
+        if self.job_dir(vm).is_dir():
+            self._write_private(vm, REMOVING, "")
+
+    def removing_vms(self) -> list[str]:
+        return [vm for vm in self.job_dir_vms() if (self.job_dir(vm) / REMOVING).exists()]
 
     def remove_job_dir(self, vm: str) -> bool:
         d = self.job_dir(vm)

@@ -54,6 +54,7 @@ def inventory(
         console_logs=tuple(console_log_vms(settings)),
         locked=locked,
         claims=state.claims(),
+        removing=frozenset(state.removing_vms()),
         agent_running=agent_client.service(settings, state).pid() is not None,
     )
 
@@ -110,6 +111,7 @@ def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
                 "expires_in_s": r.expires - now,
                 "expired": r.expires <= now,
                 "busy": d.name in inv.locked,
+                "removing": d.name in inv.removing,
             }
         )
     orphans = [
@@ -153,6 +155,8 @@ def format_table(listing: dict[str, Any]) -> str:
             left = vm["expires_in_s"]
             expiry = f"in {reaping.format_duration(left)}" if left > 0 else f"{reaping.format_duration(left)} ago (due)"
             state = vm["state"] + (" (busy)" if vm["busy"] else "")
+            if vm.get("removing"):
+                state = f"being removed, {vm['state']}"
             if vm["pool_state"] in ("idle", "booting"):
                 state = f"pool {vm['pool_state']}, {state}"
             rows.append(

@@ -35,6 +35,8 @@ def _describe_target(target: reaping.Target, now: float) -> str:
         why = "a pool VM whose boot was abandoned"
     elif target.reason == reaping.REASON_AGENT_GONE:
         why = "an idle pool VM, and no host agent keeps the pool"
+    elif target.reason == reaping.REASON_CLEANED_UP:
+        why = "its job's cleanup stopped it, and the removal did not finish"
     elif target.reason == reaping.REASON_STOPPED:
         assert target.domain is not None
         why = f"not running ({target.domain.state})"

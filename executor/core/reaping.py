@@ -15,7 +15,8 @@ The rules, in order of precedence:
 * Our domain is reaped when its expiry has passed (`expires <= now`), when it was created at least
   `older_than` seconds ago (an operator's explicit override), or when it is no longer running
   (shut off or crashed: nothing can use it, and prepare holds the lock while it boots one).
-  An unclaimed pool VM also goes when its boot was abandoned (it says "booting" but nobody
+  A VM that cleanup stopped for good (marked "removing") goes too, if its detached remover
+  did not finish. An unclaimed pool VM also goes when its boot was abandoned (it says "booting" but nobody
   holds its lock) or, once idle, when no host agent runs to keep it. Otherwise it is "live" and
   kept, even if its job has long finished: only cleanup or expiry end it.
 * Pieces (volumes, IP reservations, lock file, job directory, console log, the claims naming a
@@ -41,6 +42,7 @@ REASON_STOPPED = "stopped"
 REASON_ORPHANED = "orphaned"
 REASON_ABANDONED = "abandoned"  # a pool VM whose boot nobody finishes
 REASON_AGENT_GONE = "agent-gone"  # an idle pool VM without a host agent to keep it
+REASON_CLEANED_UP = "cleaned-up"  # cleanup stopped it, and its remover did not finish
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Inventory:
     locked: frozenset[str] = frozenset()  # VM names whose lock a live process holds now
     claims: Mapping[str, str] = field(default_factory=dict)  # job's cold VM name -> pool VM serving it
     agent_running: bool = False  # a host agent keeps this prefix's pool
+    removing: frozenset[str] = frozenset()  # VM names that cleanup stopped for good
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,14 @@ def _piece_owners(inv: Inventory) -> set[str]:
     return {n for n in names if is_our_name(inv.prefix, n)}
 
 
-def _due(domain: DomainEntry, now: float, older_than: float | None, agent_running: bool) -> str | None:
+def _due(inv: Inventory, domain: DomainEntry, now: float, older_than: float | None) -> str | None:
     record = domain.record
     assert record is not None
+    if domain.name in inv.removing:
+        return REASON_CLEANED_UP
     if record.pool_state == POOL_BOOTING:
         return REASON_ABANDONED  # its booter holds the lock while it boots: a locked one is busy
-    if record.pool_state == POOL_IDLE and not agent_running:
+    if record.pool_state == POOL_IDLE and not inv.agent_running:
         return REASON_AGENT_GONE
     if record.expires <= now:
         return REASON_EXPIRED
@@ -183,7 +188,7 @@ def select(inv: Inventory, now: float, older_than: float | None = None) -> Plan:
             busy.add(domain.name)
             live.append(domain)
             continue
-        reason = _due(domain, now, older_than, inv.agent_running)
+        reason = _due(inv, domain, now, older_than)
         if reason is None:
             live.append(domain)
         else:

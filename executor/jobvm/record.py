@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from executor.adapters.guest_ssh import GuestSSH
 from executor.adapters.hostfiles import console_log, console_tail
-from executor.adapters.hypervisor import Hypervisor
 from executor.adapters.statedir import StateDir
 from executor.core import naming
 from executor.core.domain_xml import JobRecord, parse_job_record
 from executor.core.settings import LIVENESS_PROBE_S, Settings
 from executor.errors import SystemFailure
+
+if TYPE_CHECKING:  # `run` finds its VM with `job_vm` and must not pay for paramiko or libvirt
+    from executor.adapters.guest_ssh import GuestSSH
+    from executor.adapters.hypervisor import Hypervisor
 
 
 def job_vm(settings: Settings, state: StateDir, job_id: int) -> str:

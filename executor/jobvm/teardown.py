@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Callable
 
 from executor.adapters.hostfiles import console_log, remove_file
-from executor.adapters.hypervisor import Hypervisor
+from executor.adapters.hostinfo import qemu_stopped
+from executor.adapters.hostservice import Service
+from executor.adapters.hypervisor import DomainInfo, Hypervisor
 from executor.adapters.statedir import StateDir
 from executor.core import naming
 from executor.core.domain_xml import parse_job_record
 from executor.core.settings import Settings
 from executor.errors import ConfigError, SystemFailure
+
+
+def stop_for_good(hv: Hypervisor, state: StateDir, vm: str) -> list[str]:
+    """Make sure nothing of `vm`'s job runs any more, in milliseconds: its connection holder
+    signalled, its vCPUs paused (a destroy waits seconds for QEMU to exit; `teardown` does it
+    later), and the VM marked as being removed. A QEMU stopped by a signal runs nothing and
+    would not answer a pause. What was done."""
+    info = _check_ours(hv, vm)
+    done = ["connection holder stopped"] if stop_holder(state, vm) else []
+    if info is not None and info.state == "running":
+        if qemu_stopped(vm):
+            done.append("its QEMU is stopped (frozen)")
+        else:
+            hv.suspend(vm)
+            done.append("domain paused")
+    state.mark_removing(vm)
+    return done
+
+
+def _check_ours(hv: Hypervisor, vm: str) -> DomainInfo | None:
+    info = hv.domain(vm)
+    if info is not None and (not info.metadata or parse_job_record(info.metadata) is None):
+        raise SystemFailure(f"a domain named {vm} exists without libvirt-executor metadata: not touching it")
+    return info
 
 
 def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> list[str]:
@@ -19,12 +48,11 @@ def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> li
     earlier one failed; SystemFailure at the end lists what could not be removed."""
     removed: list[str] = []
     failures: list[str] = []
-    info = hv.domain(vm)
-    if info is not None and (not info.metadata or parse_job_record(info.metadata) is None):
-        raise SystemFailure(f"a domain named {vm} exists without libvirt-executor metadata: not touching it")
+    _check_ours(hv, vm)
 
     pool = settings.libvirt.pool
     steps: list[tuple[str, Callable[[], object]]] = [
+        ("connection holder stopped", lambda: stop_holder(state, vm)),
         ("domain destroyed", lambda: hv.destroy(vm)),
         ("domain undefined", lambda: hv.undefine(vm)),
         ("domain removed after a late start", lambda: _remove_late_domain(hv, vm)),
@@ -44,6 +72,22 @@ def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> li
     if failures:
         raise SystemFailure(f"cleanup of {vm} incomplete: " + "; ".join(failures))
     return removed
+
+
+def holder_service(state: StateDir, vm: str) -> Service:
+    """The job's connection holder (`stages.holder`), known by its lock in the job's state dir."""
+    return Service(state.holder_file(vm, "lock"), state.holder_file(vm, "log"), f"the connection holder of {vm}")
+
+
+def stop_holder(state: StateDir, vm: str) -> bool:
+    """SIGTERM `vm`'s connection holder, if one runs, without waiting: it ends by itself once the
+    VM or the job's state dir is gone. Whether one ran."""
+    pid = holder_service(state, vm).pid()
+    if pid is None or pid <= 0:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    return True
 
 
 def _remove_late_domain(hv: Hypervisor, vm: str) -> bool:

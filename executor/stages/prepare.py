@@ -29,7 +29,7 @@ from executor.jobvm import boot, pool
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.boot import ReadyVM, Timings
 from executor.jobvm.teardown import teardown
-from executor.stages import imagemode
+from executor.stages import holder, imagemode
 from executor.stages.cleanup import LOCK_WAIT_S
 from executor.stages.config import DRIVER_NAME
 
@@ -41,11 +41,14 @@ def prepare(
     job: Job,
     out: Callable[[str], None] = print,
     credentials: Callable[[], RegistryCredentials] = RegistryCredentials,
+    config_file: str | None = None,
 ) -> None:
     """Give the job a ready VM: claim an idle one from the warm pool, or boot one (cold); then
     give it to the job (its metadata and network allowances, in image mode its services and
-    build container). On any failure, and on SIGTERM, remove the job's VM and raise (a system
-    failure; JobRefused, a build failure, for an image the job may not or cannot use)."""
+    build container), and start the job's connection holder (`config_file` is what it loads;
+    None: no holder, each stage connects by itself). On any failure, and on SIGTERM, remove the
+    job's VM and raise (a system failure; JobRefused, a build failure, for an image the job may
+    not or cannot use)."""
     timings = Timings()
     runner_alive = _runner_watch()
     say = _prefixed(out)
@@ -77,10 +80,20 @@ def prepare(
                     with ready:
                         _give(hv, settings, job, plan, ready, policy, timings, credentials, say, runner_alive)
                         runner_alive()  # a VM handed to nobody would wait for reap
+                    if config_file is not None:
+                        _start_holder(settings, config_file, vm)
             except BaseException as exc:
                 _roll_back(settings, state, vm, job_vm, exc)
                 raise
     say(_ready_line(ready, timings, plan is not None))
+
+
+def _start_holder(settings: Settings, config_file: str, vm: str) -> None:
+    """The job's stages are cheaper through a holder, but work without one."""
+    try:
+        holder.start(settings, os.path.abspath(config_file), vm)
+    except OSError as exc:
+        log.warning("could not start the job's connection holder (each stage connects by itself): %s", exc)
 
 
 def _prefixed(out: Callable[[str], None]) -> Callable[[str], None]:

@@ -252,7 +252,7 @@ def test_a_successful_stage_exits_zero(config_file, payload_file, tmp_path, monk
     from executor.stages import cleanup as cleanup_stage
 
     calls = []
-    monkeypatch.setattr(cleanup_stage, "cleanup", lambda settings, job: calls.append(job.job_id))
+    monkeypatch.setattr(cleanup_stage, "cleanup", lambda settings, job, config_file: calls.append(job.job_id))
     assert run(["--config", str(config_file), "cleanup"]) == 0
     assert calls == [4242]
 

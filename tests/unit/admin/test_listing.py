@@ -47,6 +47,7 @@ def test_list_shows_only_our_vms_and_orphans(host):
         "expires_in_s": 1800,
         "expired": False,
         "busy": False,
+        "removing": False,
     }
     assert listing["orphans"] == [
         {

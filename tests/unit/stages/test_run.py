@@ -18,6 +18,7 @@ from executor.core.domain_xml import metadata_xml
 from executor.core.jobenv import Job
 from executor.errors import BuildFailure, SystemFailure
 from executor.stages import run as run_stage
+from executor.stages import stage_exec
 from tests.unit.conftest import make_record
 
 VM = "lvx-job-4242"
@@ -90,8 +91,8 @@ def stage(tmp_settings, tmp_path, monkeypatch):
         assert key == "the client key" and ip == make_record().ip
         return ssh["fake"]
 
-    monkeypatch.setattr(run_stage, "connect", fake_connect)
-    monkeypatch.setattr(run_stage.GuestSSH, "connect", staticmethod(fake_ssh_connect))
+    monkeypatch.setattr(stage_exec, "connect", fake_connect)
+    monkeypatch.setattr(stage_exec.GuestSSH, "connect", staticmethod(fake_ssh_connect))
 
     def call(err: io.BytesIO | None = None):
         out, err = io.BytesIO(), err or io.BytesIO()

@@ -285,3 +285,12 @@ def test_a_claim_whose_pool_vm_is_gone_is_an_orphan_and_never_a_piece_of_the_job
     plan = select(inv, NOW)
     assert names(plan) == {"lvx-pool-0000000d": reaping.REASON_ORPHANED}
     assert plan.reap[0].pieces.describe() == ["claim of lvx-job-8"]
+
+
+def test_a_vm_its_cleanup_stopped_is_busy_while_its_remover_works_and_reaped_if_it_did_not_finish():
+    vm = "lvx-job-31"
+    inv = {"domains": (dom(vm, state="paused"),), "removing": frozenset({vm}), **pieces_for(vm)}
+    assert names(select(Inventory(P, locked=frozenset({vm}), **inv), NOW)) == {}
+    assert names(select(Inventory(P, **inv), NOW)) == {vm: reaping.REASON_CLEANED_UP}
+    # the same paused VM without cleanup's mark is a job's, kept until its expiry
+    assert names(select(Inventory(P, **{**inv, "removing": frozenset()}), NOW)) == {}

@@ -7,6 +7,8 @@ GuestSSH); everything else (the job's state dir, the script file, the exit mappi
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,3 +166,41 @@ def test_a_slow_guest_within_the_limit_is_left_alone(stage):
     ssh["fake"] = FakeSSH(silent_for=59.0)
     out, _ = call()
     assert out == b"script output\n"
+
+
+def test_once_a_stage_found_the_guest_silent_the_jobs_later_stages_fail_at_once(stage, tmp_settings):
+    call, ssh, _ = stage
+    ssh["fake"] = FakeSSH(silent_for=61.0)
+    with pytest.raises(SystemFailure, match="stopped responding"):
+        call()
+    ssh["fake"] = FakeSSH()  # would answer: it must not even be asked
+    with pytest.raises(SystemFailure, match="found by an earlier stage of this job: not trying again") as info:
+        call()
+    assert "stopped responding: no answer over SSH for 61 s" in str(info.value)
+    assert ssh["fake"].streams == [] and ssh["fake"].watched == []
+
+
+def test_a_vm_that_stopped_during_a_stage_is_remembered_too(stage):
+    call, ssh, hv = stage
+
+    class StopsMidway(FakeSSH):
+        def stream(self, command, stdin, stdout, stderr, still_alive):
+            hv.info = DomainInfo(VM, "shutoff", hv.info.metadata)
+            if not still_alive():
+                raise SystemFailure("the job's VM stopped while the script was running")
+            return 0
+
+    ssh["fake"] = StopsMidway()
+    with pytest.raises(SystemFailure, match="stopped while the script was running"):
+        call()
+    with pytest.raises(SystemFailure, match=f"the job's VM {VM} stopped \\(found by an earlier stage"):
+        call()
+
+
+def test_the_run_path_through_a_holder_imports_no_ssh_docker_or_libvirt_library():
+    code = (
+        "import sys, executor.cli, executor.stages.run\n"
+        "print(sorted(m for m in ('paramiko', 'docker', 'libvirt', 'requests', 'cryptography') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

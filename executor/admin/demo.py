@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from executor.admin.listing import leftovers
+from executor.admin.listing import leftovers_once_removed
 from executor.core import naming
 from executor.core.settings import Settings, settings_toml
 from executor.errors import SystemFailure
@@ -132,7 +132,7 @@ def _run_demo_job(
                 stage("build_script", sim.run(BUILD_SCRIPT, "build_script"))
     finally:
         stage("cleanup", sim.cleanup())
-    left = leftovers(settings, vm)
+    left = leftovers_once_removed(settings, vm)
     say(f"--- job {job_id} took {time.monotonic() - started:.1f}s in all")
     if left:
         raise SystemFailure(f"demo: cleanup left {left} behind")

@@ -18,6 +18,10 @@ from executor.core import naming, reaping
 from executor.core.domain_xml import parse_job_record
 from executor.core.settings import Settings
 from executor.core.text import printable
+from executor.core.waiting import poll
+
+# Cleanup returns once the VM is paused; its remover destroys and removes it within seconds.
+REMOVAL_WAIT_S = 60.0
 
 
 def inventory(
@@ -57,6 +61,21 @@ def inventory(
         removing=frozenset(state.removing_vms()),
         agent_running=agent_client.service(settings, state).pid() is not None,
     )
+
+
+def leftovers_once_removed(
+    settings: Settings, vm: str | None = None, wait: float = REMOVAL_WAIT_S
+) -> dict[str, list[str]]:
+    """`leftovers`, once cleanup's detached removers had up to `wait` seconds to finish."""
+    left: dict[str, list[str]] = {}
+
+    def settled() -> bool:
+        left.clear()
+        left.update(leftovers(settings, vm))
+        return not left
+
+    poll(settled, wait, interval=0.2, max_interval=1.0)
+    return left
 
 
 def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ import pytest
 
 from executor.adapters.hostfiles import load_settings
 from executor.admin.demo import served_repository
-from executor.admin.listing import leftovers as host_leftovers
+from executor.admin.listing import leftovers_once_removed
 from executor.core.nwfilter_xml import FILTER_NAME
 from executor.core.settings import config_path
 
@@ -113,8 +113,9 @@ allowed_networks = {json.dumps(list(allowed_networks))}
 
 @pytest.fixture(scope="session")
 def leftovers():
-    """A function returning what a test config's prefix still has on the host (empty: nothing)."""
-    return lambda config: host_leftovers(load_settings(str(config)))
+    """A function returning what a test config's prefix still has on the host (empty: nothing),
+    once cleanup's detached removers had time to finish."""
+    return lambda config: leftovers_once_removed(load_settings(str(config)))
 
 
 @pytest.fixture(scope="session")

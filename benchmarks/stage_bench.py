@@ -122,9 +122,9 @@ def main() -> None:
                 print("baseline cleanup ...", file=sys.stderr, flush=True)
                 sim = prepared(config, root, 880_003)
                 cleanups["shell-mode job, removed inline (before: remove-job)"] = cleaned(sim, config, "remove-job")
+                settings = load_settings(str(config))
             finally:
                 reap(load_settings(str(config)))
-    settings = load_settings(str(config))
     print(
         f"stage bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.stages} stages of `true` each; "
         f"VMs {settings.vm.vcpus} vCPU / {settings.vm.memory_mib} MiB, cold"

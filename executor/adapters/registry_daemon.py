@@ -8,10 +8,16 @@ Everything of one mirror lives in its storage directory:
     <storage>/supervisor.lock   flock held by the supervisor for its whole life, with its pid
     <storage>/registry.log      the registry's and the supervisor's output (rotated at 8 MiB)
 
+    <storage>/mode.json         the supervisor's: pulling through or serving the cache only, since when
+
 The supervisor is one `hostservice.Service` (its lock says whether it runs). It restarts the
-registry when it exits (distribution 2.8 exits at start when its upstream does not answer, so a
-mirror set up while the internet is away starts by itself once it is back), and stops it for
-maintenance (eviction and garbage collection, which distribution wants done offline).
+registry when it exits, and stops it for maintenance (eviction and garbage collection, which
+distribution wants done offline). distribution 2.8 in proxy mode exits at start when its
+upstream does not answer, so while the upstream is down (probed every 10 s) the supervisor runs
+the same registry over the same storage without `proxy:` and read-only: it serves what is
+cached, and the supervisor switches back once the upstream answers. One registry at a time:
+the running one is stopped before the other starts, so the storage never has two writers, and
+the read-only one writes nothing.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from executor.core.mirror import CachedRepository
+from executor.core.mirror import MODE_CACHE_ONLY, CachedRepository, UpstreamWatch
 from executor.core.waiting import poll
 from executor.errors import ConfigError, SystemFailure
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0  # a registry that ran this long restarts at once after an exit
+UPSTREAM_PROBE_S = 10.0  # how often the supervisor asks whether the upstream answers
 SYSTEMD_UNIT = "libvirt-executor-mirror.service"
 DEBIAN_UNIT = "docker-registry.service"  # the package's own: Debian's config, on every address
 
@@ -57,6 +64,7 @@ class MirrorDir:
         self.config = self.root / "config.yml"
         self.lock = self.root / "supervisor.lock"
         self.log = self.root / "registry.log"
+        self.mode_file = self.root / "mode.json"  # the supervisor's: proxy or cache-only, since when
         self.repositories = self.data / "docker" / "registry" / "v2" / "repositories"
         self.blobs = self.data / "docker" / "registry" / "v2" / "blobs"
 
@@ -86,6 +94,22 @@ class MirrorDir:
             f.write(text)
         os.replace(tmp, self.config)
         return True
+
+    def write_mode(self, state: dict[str, Any]) -> None:
+        tmp = self.mode_file.with_name(".mode.json.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.mode_file)
+
+    def read_mode(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.mode_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def clear_mode(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.mode_file.unlink()
 
     # --- what is cached ---------------------------------------------------------------------
 
@@ -180,6 +204,9 @@ def supervise(
     mirror: MirrorDir,
     user: str,
     *,
+    config_for: Callable[[str], str],
+    upstream: UpstreamWatch,
+    upstream_problem: Callable[[], str | None],
     check_every: float,
     maintenance_due: Callable[[], bool],
     maintain: Callable[[], None],
@@ -188,7 +215,10 @@ def supervise(
 ) -> None:
     """Run the registry until SIGTERM/SIGINT, restarting it when it exits (backing off up to
     30 s while it keeps failing) and stopping it for `maintain` whenever `maintenance_due`,
-    asked every `check_every` seconds. Call with the supervisor lock held."""
+    asked every `check_every` seconds. The upstream is probed every UPSTREAM_PROBE_S: the
+    registry runs with `config_for(mode)` for the mode `upstream` decides (pulling through, or
+    serving the cache only), restarted when that changes; the mode is kept in the mode file.
+    Only one registry ever runs over the storage. Call with the supervisor lock held."""
     uid, gid = account(user)
     stopping: list[int] = []
 
@@ -201,6 +231,16 @@ def supervise(
         say(f"stopping a registry left by an earlier supervisor (pid {pid})")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+
+    def entered(mode: str) -> None:
+        mirror.write_mode(upstream.as_dict())
+        if mode == MODE_CACHE_ONLY:
+            say(f"serving the cache only, read-only: the upstream does not answer ({upstream.reason})")
+        else:
+            say("pulling through from the upstream")
+
+    mode = upstream.starting(upstream_problem(), time.time())
+    entered(mode)
     backoff = 1.0
     next_check = 0.0
     while not stopping:
@@ -209,6 +249,7 @@ def supervise(
             if maintenance_due():
                 maintain()
         rotate_log()
+        mirror.write_config(config_for(upstream.mode), user)
         started = time.monotonic()
         with open(mirror.log, "ab") as log:
             log_offset = log.tell()
@@ -222,31 +263,46 @@ def supervise(
                 extra_groups=[],
                 cwd="/",
             )
-        maintenance = False
+        interrupted = False
+        next_probe = time.monotonic() + UPSTREAM_PROBE_S
         while proc.poll() is None:
             if stopping:
                 _stop(proc)
+                interrupted = True
                 break
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + check_every
                 if maintenance_due():
                     _stop(proc)
                     maintain()
-                    maintenance = True
+                    interrupted = True
                     break
+            if time.monotonic() >= next_probe:
+                if upstream.probed(upstream_problem(), time.time()):
+                    _stop(proc)  # one registry at a time over the storage: stopped, then the other
+                    entered(upstream.mode)
+                    interrupted = True
+                    break
+                mirror.write_mode(upstream.as_dict())
+                next_probe = time.monotonic() + UPSTREAM_PROBE_S
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.5)
-        if stopping or maintenance:
+        if stopping or interrupted:
             continue
         ran = time.monotonic() - started
-        backoff = 1.0 if ran >= STABLE_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
         why = mirror.exit_reason(log_offset)
+        if upstream.proxy_exited(upstream_problem(), time.time()):
+            say(f"docker-registry exited with status {proc.returncode} after {ran:.0f} s ({why or 'no reason given'})")
+            entered(upstream.mode)
+            continue
+        backoff = 1.0 if ran >= STABLE_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
         say(
             f"docker-registry exited with status {proc.returncode} after {ran:.0f} s"
             + (f" ({why})" if why else "")
             + f"; restarting in {backoff:.0f} s"
         )
         poll(lambda: bool(stopping), backoff, interval=0.2, max_interval=0.2)  # a SIGTERM cuts it short
+    mirror.clear_mode()
     say(f"stopped ({signal.Signals(stopping[0]).name})")
 
 

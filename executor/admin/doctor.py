@@ -108,7 +108,19 @@ def _mirror_checks(settings: Settings) -> list[Check]:
         ]
     st = mirror_admin.status(settings)
     checks = []
-    if st.answering:
+    if st.answering and st.cache_only_because:
+        checks.append(
+            Check(
+                "registry mirror",
+                True,
+                f"{st.url} answers, serving its cache only ({len(st.repositories)} repositories, read-only): "
+                f"{st.cache_only_because}. Jobs pull what it has from it, the rest from their registry directly",
+                "nothing to do here if the upstream's outage is known: the mirror pulls through again by "
+                "itself once it answers; else check the host's internet access (and mirror.upstream)",
+                warning=True,
+            )
+        )
+    elif st.answering:
         checks.append(
             Check(
                 "registry mirror",
@@ -140,12 +152,14 @@ def _mirror_checks(settings: Settings) -> list[Check]:
     else:
         checks.append(Check("mirror listen", True, f"port {settings.mirror.port} is bound only at {st.url}"))
     if st.upstream_problem:
+        # Jobs still run (from the cache, or pulling directly): worth knowing, not a failure.
         checks.append(
             Check(
                 "mirror upstream",
-                False,
+                True,
                 f"{st.upstream} unreachable from this host: {st.upstream_problem}",
                 "check the host's internet access (and mirror.upstream)",
+                warning=True,
             )
         )
     else:

@@ -24,17 +24,30 @@ from executor.core.waiting import poll
 
 CHECK_EVERY_S = 300.0  # how often the supervisor measures the cache against max_gib
 ANSWER_WAIT_S = 20.0  # how long `mirror start` waits for the registry to answer
+UPSTREAM_PROBE_TIMEOUT_S = 5.0
 
 
 def mirror_dir(settings: Settings) -> MirrorDir:
     return MirrorDir(settings.mirror.storage)
 
 
-def config_text(settings: Settings) -> str:
+def config_text(settings: Settings, mode: str | None = None) -> str:
+    """The registry's config for `mode` (None: the mode the running supervisor is in)."""
     password = None
     if settings.mirror.username:
         password = read_secret(settings.mirror.password_file, "mirror.password_file")
-    return mirror.registry_config(settings, str(mirror_dir(settings).data), password)
+    return mirror.registry_config(settings, str(mirror_dir(settings).data), password, mode or current_mode(settings))
+
+
+def mode_state(settings: Settings) -> dict[str, object] | None:
+    """The running supervisor's mode file (pulling through or cache only, since when); None
+    when no supervisor runs."""
+    return mirror_dir(settings).read_mode() if supervisor(settings).pid() is not None else None
+
+
+def current_mode(settings: Settings) -> str:
+    state = mode_state(settings)
+    return mirror.MODE_CACHE_ONLY if state and state.get("mode") == mirror.MODE_CACHE_ONLY else mirror.MODE_PROXY
 
 
 def supervisor(settings: Settings) -> hostservice.Service:
@@ -121,10 +134,7 @@ def _answer_summary(settings: Settings) -> str:
     reason = last_problem[0]
     log = supervisor(settings)
     tail = log.log_tail(1, prefix="mirror: ") or log.log_tail(1)
-    return (
-        f"not answering at {url} yet ({reason}); it restarts by itself until its upstream "
-        f"{settings.mirror.upstream} answers. Last log line: {tail}"
-    )
+    return f"not answering at {url} yet ({reason}); its supervisor keeps restarting it. Last log line: {tail}"
 
 
 def stop(settings: Settings) -> str:
@@ -146,11 +156,13 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
 
     service = supervisor(settings)
     with service.hold():
-        mdir.write_config(config_text(settings), mirror.RUN_AS)
         say(f"serving {mirror.mirror_url(settings)} as a cache of {settings.mirror.upstream}")
         registry_daemon.supervise(
             mdir,
             mirror.RUN_AS,
+            config_for=lambda mode: config_text(settings, mode),
+            upstream=mirror.UpstreamWatch(settings.mirror.upstream),
+            upstream_problem=lambda: registry_daemon.probe(settings.mirror.upstream, timeout=UPSTREAM_PROBE_TIMEOUT_S),
             check_every=CHECK_EVERY_S,
             maintenance_due=lambda: over_cap(settings),
             maintain=maintain,
@@ -210,6 +222,9 @@ class MirrorStatus:
     problem: str  # why it does not answer, "" when it does
     upstream: str
     upstream_problem: str  # "" when the upstream answers from here
+    mode: str | None  # proxy (pulling through) or cache-only; None when no supervisor runs
+    mode_since: float | None
+    cache_only_because: str  # "upstream ... unreachable since ..." in cache-only mode, else ""
     storage: str
     used_bytes: int
     max_bytes: int
@@ -226,6 +241,8 @@ def status(settings: Settings) -> MirrorStatus:
     url = mirror.mirror_url(settings)
     problem = registry_daemon.probe(url) or ""
     upstream_problem = registry_daemon.probe(settings.mirror.upstream, timeout=5) or ""
+    state = mode_state(settings) or {}
+    mode, since = state.get("mode"), state.get("since")
     stats = None
     if not problem:
         expvars = registry_daemon.debug_vars(f"{mirror.DEBUG_ADDRESS}:{settings.mirror.port}")
@@ -238,6 +255,9 @@ def status(settings: Settings) -> MirrorStatus:
         problem=problem,
         upstream=settings.mirror.upstream,
         upstream_problem=upstream_problem,
+        mode=mode if isinstance(mode, str) else None,
+        mode_since=float(since) if isinstance(since, (int, float)) else None,
+        cache_only_because=mirror.cache_only_because(state) or "",
         storage=str(mdir.root),
         used_bytes=mdir.blob_bytes(),
         max_bytes=int(settings.mirror.max_gib * GIB),
@@ -258,6 +278,14 @@ def format_status(st: MirrorStatus) -> str:
     lines = [
         f"mirror      {'enabled' if st.enabled else 'disabled (mirror.enabled = false)'}",
         f"serving     {st.url}: " + ("answering" if st.answering else f"NOT answering ({st.problem})"),
+        "mode        "
+        + (
+            f"serving its cache only, read-only: {st.cache_only_because}; it pulls through again once the upstream answers"
+            if st.cache_only_because
+            else "pulling through from the upstream"
+            if st.mode
+            else "-"
+        ),
         "supervisor  " + (f"pid {st.supervisor_pid}" if st.supervisor_pid else "not running"),
         f"upstream    {st.upstream}: "
         + ("reachable" if not st.upstream_problem else f"unreachable ({st.upstream_problem})"),

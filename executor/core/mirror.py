@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from executor.core.settings import GIB, Settings
+from executor.core.text import printable
 
 RUN_AS = "docker-registry"  # the unprivileged user Debian's package creates
 # distribution's debug server (expvar: /debug/vars) listens on loopback, same port: the hit and
@@ -23,6 +25,9 @@ RUN_AS = "docker-registry"  # the unprivileged user Debian's package creates
 DEBUG_ADDRESS = "127.0.0.1"
 # Evict down to this share of max_gib, so that a full cache is not pruned again at the next pull.
 LOW_WATERMARK = 0.8
+MODE_PROXY = "proxy"  # pulling through from the upstream
+MODE_CACHE_ONLY = "cache-only"  # the upstream does not answer: serving what is cached, read-only
+FAILED_PROBES_TO_SWITCH = 2
 
 
 def listen_address(settings: Settings) -> str:
@@ -35,10 +40,14 @@ def mirror_url(settings: Settings) -> str:
     return f"http://{listen_address(settings)}"
 
 
-def registry_config(settings: Settings, data_dir: str, password: str | None) -> str:
-    """distribution's config file for the mirror. JSON is YAML, so no YAML writer is needed.
-    `password` (the upstream's, when mirror.username is set) is the one secret in it: the file
-    is written 0640 root:docker-registry."""
+def registry_config(settings: Settings, data_dir: str, password: str | None, mode: str = MODE_PROXY) -> str:
+    """distribution's config file for the mirror in `mode`. JSON is YAML, so no YAML writer is
+    needed. `password` (the upstream's, when mirror.username is set) is the one secret in it:
+    the file is written 0640 root:docker-registry.
+
+    MODE_CACHE_ONLY is the same registry over the same storage without `proxy:` (it never
+    calls the upstream, so it starts and answers while the upstream is down) and read-only
+    (distribution's maintenance flag: it writes nothing, as the proxy accepts no push either)."""
     m = settings.mirror
     proxy: dict[str, str] = {"remoteurl": m.upstream.rstrip("/")}
     if m.username:
@@ -59,9 +68,71 @@ def registry_config(settings: Settings, data_dir: str, password: str | None) -> 
             "debug": {"addr": f"{DEBUG_ADDRESS}:{m.port}"},
             "headers": {"X-Content-Type-Options": ["nosniff"]},
         },
-        "proxy": proxy,
     }
+    if mode == MODE_CACHE_ONLY:
+        config["storage"]["maintenance"] = {"readonly": {"enabled": True}}
+    else:
+        config["proxy"] = proxy
     return json.dumps(config, indent=2) + "\n"
+
+
+@dataclass
+class UpstreamWatch:
+    """Which mode the mirror's registry runs in, from what the supervisor's probes of the
+    upstream say: pulling through (MODE_PROXY) while it answers, serving the cache only
+    (MODE_CACHE_ONLY) while it does not. A mirror starting without an upstream starts serving
+    its cache at once (distribution's proxy would exit); a running one switches after
+    FAILED_PROBES_TO_SWITCH failed probes in a row (one lost answer is no outage), and back
+    at the first answer."""
+
+    upstream: str = ""
+    mode: str = MODE_PROXY
+    since: float = 0.0  # when the current mode began (Unix seconds)
+    reason: str = ""  # why the cache only: the upstream's last problem
+    failed: int = 0
+
+    def starting(self, problem: str | None, now: float) -> str:
+        self.failed = 0 if problem is None else FAILED_PROBES_TO_SWITCH
+        self._enter(MODE_PROXY if problem is None else MODE_CACHE_ONLY, problem, now)
+        return self.mode
+
+    def probed(self, problem: str | None, now: float) -> bool:
+        """Record one probe; whether the mode changed (the registry must be restarted)."""
+        self.failed = 0 if problem is None else self.failed + 1
+        if self.mode == MODE_CACHE_ONLY:
+            if problem is None:
+                return self._enter(MODE_PROXY, None, now)
+            self.reason = problem
+            return False
+        return self.failed >= FAILED_PROBES_TO_SWITCH and self._enter(MODE_CACHE_ONLY, problem, now)
+
+    def proxy_exited(self, problem: str | None, now: float) -> bool:
+        """The proxy registry exited by itself: serve the cache if the upstream is the cause."""
+        if self.mode != MODE_PROXY or problem is None:
+            return False
+        self.failed = FAILED_PROBES_TO_SWITCH
+        return self._enter(MODE_CACHE_ONLY, problem, now)
+
+    def _enter(self, mode: str, problem: str | None, now: float) -> bool:
+        changed = mode != self.mode or not self.since
+        if changed:
+            self.mode, self.since = mode, now
+        self.reason = problem or ""
+        return changed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "since": self.since, "reason": self.reason, "upstream": self.upstream}
+
+
+def cache_only_because(state: Mapping[str, Any] | None) -> str | None:
+    """ "upstream X unreachable since T (why)" when the supervisor's mode file `state` says the
+    mirror serves its cache only; None when it pulls through (or nobody knows)."""
+    if not state or state.get("mode") != MODE_CACHE_ONLY:
+        return None
+    since = state.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if isinstance(since, (int, float)) else "?"
+    reason = printable(str(state.get("reason") or "no answer"), "?")[:200]
+    return f"upstream {printable(str(state.get('upstream')), '?')} unreachable since {when} ({reason})"
 
 
 def host_ports(settings: Settings) -> tuple[int, ...]:

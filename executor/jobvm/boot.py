@@ -197,6 +197,19 @@ def registry_mirrors(settings: Settings, out: Callable[[str], None]) -> list[str
     return mirror.daemon_mirrors(settings, answers)
 
 
+def mirror_cache_only_note(settings: Settings) -> str | None:
+    """The job log's line while our mirror serves its cache only (its upstream is down)."""
+    if not settings.mirror.enabled:
+        return None
+    because = mirror.cache_only_because(registry_daemon.MirrorDir(settings.mirror.storage).read_mode())
+    if because is None:
+        return None
+    return (
+        f"the registry mirror {mirror.mirror_url(settings)} is serving its cache only: {because}; "
+        "images it has cached come from it, others from their registry directly"
+    )
+
+
 def runner_volume(hv: Hypervisor, settings: Settings, state: StateDir, out: Callable[[str], None]) -> str:
     """The shared volume with the host's gitlab-runner binary; "" (said through `out`) when
     the host has none."""

@@ -260,6 +260,7 @@ class Registry:
     address: str  # host:port, plain HTTP
     auth: tuple[str, str] | None = None  # (user, password) when htpasswd is on
     process: subprocess.Popen[bytes] | None = None
+    directory: Path | None = None
 
     def stop(self) -> None:
         """Stop serving (e.g. an upstream going away under a mirror); its data stays until the
@@ -267,6 +268,12 @@ class Registry:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+    def start(self) -> None:
+        """Serve again what it served before `stop` (the upstream coming back)."""
+        assert self.directory is not None
+        self.stop()
+        self.process = _serve(self.directory, self.address)
 
     def push(self, layout: Path, name: str, workdir: Path) -> str:
         """Copy the layout to `name` (path:tag) in this registry; the pullable reference."""
@@ -298,24 +305,33 @@ def running_registry(directory: Path, address: str, auth: tuple[str, str] | None
         f"    rootdirectory: {directory / 'data'}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: {address}\n{auth_block}"
     )
-    with open(directory / "log", "wb") as log:
-        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=log)
+    registry = Registry(address, auth, None, directory)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://{address}/v2/", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # 401: up, asking for auth
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"docker-registry did not start: {(directory / 'log').read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.2)
-        yield Registry(address, auth, proc)
+        registry.start()
+        yield registry
     finally:
-        proc.terminate()
-        proc.wait(10)
+        registry.stop()
         shutil.rmtree(directory / "data", ignore_errors=True)
+
+
+def _serve(directory: Path, address: str) -> subprocess.Popen[bytes]:
+    """docker-registry with `directory`'s config, once it answers on `address`."""
+    with open(directory / "log", "ab") as log:
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(directory / "config.yml")], stdout=subprocess.DEVNULL, stderr=log
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://{address}/v2/", timeout=2)
+            return proc
+        except urllib.error.HTTPError:
+            return proc  # 401: up, asking for auth
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.terminate()
+                proc.wait(10)
+                raise RuntimeError(
+                    f"docker-registry did not start: {(directory / 'log').read_text()[-2000:]}"
+                ) from None
+            time.sleep(0.2)

@@ -279,9 +279,8 @@ def test_our_mirror_down_and_another_listener_on_its_port(hv, tmp_path):
     assert mirror.ok is False and "does not answer" in mirror.detail and "it is not running" in mirror.detail
     assert "mirror start" in mirror.fix
     assert checks["mirror listen"].ok is False and f"127.0.0.2:{port}" in checks["mirror listen"].detail
-    assert (
-        checks["mirror upstream"].ok is False and "http://127.0.0.1:1 unreachable" in checks["mirror upstream"].detail
-    )
+    upstream = checks["mirror upstream"]  # jobs still run: a warning
+    assert upstream.ok and upstream.warning and "http://127.0.0.1:1 unreachable" in upstream.detail
 
 
 def test_boot_probe_is_skipped_when_a_check_failed(hv, tmp_path):
@@ -389,3 +388,29 @@ def test_a_pool_without_its_agent_fails_and_with_a_fresh_agent_passes(hv, tmp_pa
         check = by_name(doctor(config))["warm pool"]
     assert check.ok and check.detail == f"agent pid {os.getpid()}: 0 of 2 idle, 0 booting, 0 in a job"
     assert "warm pool" not in by_name(doctor(write_config(tmp_path)))  # no pool, no check
+
+
+def test_our_mirror_serving_its_cache_only_is_a_warning_with_since_when_and_why(hv, tmp_path, registry):
+    from executor.adapters.hostfiles import load_settings
+    from executor.admin import mirror as mirror_admin
+
+    fake_image(tmp_path / "image")
+    port = int(registry.rsplit(":", 1)[1])
+    config = loopback_mirror_config(tmp_path, "http://127.0.0.1:1", port)
+    settings = load_settings(config)
+    mdir = mirror_admin.mirror_dir(settings)
+    mdir.root.mkdir(parents=True)
+    mdir.write_mode(
+        {"mode": "cache-only", "since": 1_800_000_000, "reason": "connection refused", "upstream": "http://127.0.0.1:1"}
+    )
+    with mirror_admin.supervisor(settings).hold():  # the supervisor that wrote it runs
+        checks = by_name(doctor(config))
+        status = mirror_admin.format_status(mirror_admin.status(settings))
+    mirror = checks["registry mirror"]
+    assert mirror.ok and mirror.warning, mirror.line()
+    assert mirror.line().startswith("warn  registry mirror")
+    because = "upstream http://127.0.0.1:1 unreachable since 2027-01-15 08:00:00 UTC (connection refused)"
+    assert f"serving its cache only (0 repositories, read-only): {because}" in mirror.detail
+    assert f"mode        serving its cache only, read-only: {because}; it pulls through again" in status
+    # without a supervisor the file is a leftover and says nothing
+    assert "serving its cache only" not in by_name(doctor(config))["registry mirror"].detail

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from executor.core import mirror
+from executor.core.mirror import MODE_CACHE_ONLY, MODE_PROXY, UpstreamWatch, cache_only_because
 from executor.core.settings import GIB, MirrorSettings, Settings, parse_settings
 from executor.errors import ConfigError
 
@@ -124,3 +125,51 @@ def test_bad_mirror_keys_are_reported(text, problem):
 def test_mirror_keys_are_read():
     s = parse_settings('[mirror]\nport = 5050\nupstream = "http://10.0.0.5:5000"\nmax_gib = 0.5\nenabled = false')
     assert s.mirror == MirrorSettings(enabled=False, port=5050, upstream="http://10.0.0.5:5000", max_gib=0.5)
+
+
+def test_the_cache_only_config_is_the_same_registry_without_proxy_and_read_only():
+    s = settings(upstream="http://10.1.2.3:5000/", username="bot", password_file="/etc/pw")
+    proxy = json.loads(mirror.registry_config(s, "/data", "pw"))
+    cache = json.loads(mirror.registry_config(s, "/data", "pw", mode=MODE_CACHE_ONLY))
+    assert "proxy" in proxy and "maintenance" not in proxy["storage"]
+    assert "proxy" not in cache and "pw" not in json.dumps(cache)  # no upstream, so no upstream password
+    assert cache["storage"]["maintenance"] == {"readonly": {"enabled": True}}
+    assert cache["storage"]["filesystem"] == proxy["storage"]["filesystem"]  # the same cache
+    assert cache["http"] == proxy["http"]  # on the same address
+
+
+def test_a_mirror_starting_without_its_upstream_serves_its_cache_at_once_and_pulls_through_at_the_first_answer():
+    watch = UpstreamWatch("https://up")
+    assert watch.starting("no such host", 100.0) == MODE_CACHE_ONLY
+    assert watch.as_dict() == {
+        "mode": MODE_CACHE_ONLY,
+        "since": 100.0,
+        "reason": "no such host",
+        "upstream": "https://up",
+    }
+    assert watch.probed("timed out", 110.0) is False and watch.reason == "timed out" and watch.since == 100.0
+    assert watch.probed(None, 120.0) is True and watch.mode == MODE_PROXY and watch.since == 120.0
+
+
+def test_a_running_mirror_serves_its_cache_after_two_failed_probes_in_a_row_not_one():
+    watch = UpstreamWatch("https://up")
+    assert watch.starting(None, 0.0) == MODE_PROXY
+    assert watch.probed("refused", 10.0) is False and watch.mode == MODE_PROXY
+    assert watch.probed(None, 20.0) is False
+    assert watch.probed("refused", 30.0) is False
+    assert watch.probed("refused", 40.0) is True and watch.mode == MODE_CACHE_ONLY and watch.since == 40.0
+
+
+def test_a_proxy_that_exits_for_its_upstream_switches_at_once_and_for_another_reason_does_not():
+    watch = UpstreamWatch("https://up")
+    watch.starting(None, 0.0)
+    assert watch.proxy_exited(None, 5.0) is False and watch.mode == MODE_PROXY  # a crash: restart it
+    assert watch.proxy_exited("no such host", 6.0) is True and watch.mode == MODE_CACHE_ONLY
+
+
+def test_cache_only_because_says_since_when_and_why_in_printable_text():
+    state = {"mode": "cache-only", "since": 1_800_000_000, "reason": "no\nsuch host\x1b[31m", "upstream": "https://up"}
+    assert (
+        cache_only_because(state) == "upstream https://up unreachable since 2027-01-15 08:00:00 UTC (no?such host?[31m)"
+    )
+    assert cache_only_because({**state, "mode": "proxy"}) is None and cache_only_because(None) is None

@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # `run` finds its VM with `job_vm` and must not pay for param
     from executor.adapters.hypervisor import Hypervisor
 
 
+class VMLost(SystemFailure):
+    """The job's VM is dead or silent (or paused on a disk error): nothing more of its job can
+    run, and the job's later stages need not try."""
+
+
 def job_vm(settings: Settings, state: StateDir, job_id: int) -> str:
     """The VM of job `job_id`: the pool VM it claimed, else the one prepare boots for it."""
     cold = naming.vm_name(settings.vm.name_prefix, job_id)
@@ -24,7 +29,7 @@ def job_vm(settings: Settings, state: StateDir, job_id: int) -> str:
 
 
 def disk_error(vm: str) -> SystemFailure:
-    return SystemFailure(f"the job's VM {vm} is paused on a disk I/O error (is the storage pool full?)")
+    return VMLost(f"the job's VM {vm} is paused on a disk I/O error (is the storage pool full?)")
 
 
 def vm_alive(hv: Hypervisor, vm: str) -> bool:
@@ -69,7 +74,7 @@ def alive_and_answering(hv: Hypervisor, settings: Settings, vm: str, ssh: GuestS
         if silent > limit:
             tail = console_tail(console_log(settings, vm))
             said = f"its console's last lines:\n{tail}" if tail else "its console shows nothing"
-            raise SystemFailure(
+            raise VMLost(
                 f"the job's VM {vm} stopped responding: no answer over SSH for {silent:.0f} s "
                 f"(timeouts.unresponsive = {limit:g}); {said}"
             )

@@ -36,6 +36,7 @@ from executor.adapters.hostservice import start_detached, this_command
 from executor.adapters.statedir import StateDir
 from executor.core.jobenv import Job
 from executor.core.settings import Settings
+from executor.core.text import printable
 from executor.errors import ExecutorError, Interrupted, SystemFailure
 from executor.jobvm.teardown import holder_service
 from executor.stages import stage_exec
@@ -156,7 +157,7 @@ def _serve_stage(session: stage_exec.StageSession, conn: socket.socket) -> bool:
         holder_link.send_json(conn, holder_link.RESULT, result)
     for tidy in later:
         tidy()
-    log.info("%s: %s", stage, result.get("status", result.get("interrupted", "failure")))
+    log.info("%s: %s", printable(stage, "?"), result.get("status", result.get("interrupted", "failure")))
     return go_on
 
 

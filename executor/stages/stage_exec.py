@@ -30,7 +30,7 @@ from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred, signals_raise_interrupted
 from executor.errors import Interrupted, SystemFailure
-from executor.jobvm.record import alive_and_answering, running_record
+from executor.jobvm.record import VMLost, alive_and_answering, running_record
 from executor.stages import hostcache, imagemode
 from executor.stages.config import DRIVER_NAME
 
@@ -164,18 +164,19 @@ def job_log(stderr: BinaryIO) -> Callable[[str], None]:
 def _remembering_loss(state: StateDir, vm: str, connect_ssh: Callable[[], GuestSSH]) -> GuestSSH:
     try:
         return connect_ssh()
-    except SystemFailure as exc:
+    except VMLost as exc:
         state.mark_lost(vm, str(exc))
         raise
 
 
 def _alive_remembering_loss(state: StateDir, vm: str, alive: Callable[[], bool]) -> Callable[[], bool]:
-    """`alive`, which also records a dead or silent VM for the job's later stages."""
+    """`alive`, which also records a dead or silent VM for the job's later stages (not a
+    libvirt hiccup: the next stage may well get through)."""
 
     def check() -> bool:
         try:
             answer = alive()
-        except SystemFailure as exc:
+        except VMLost as exc:
             state.mark_lost(vm, str(exc))
             raise
         if not answer:
@@ -197,7 +198,7 @@ def _connect(settings: Settings, vm: str, record: JobRecord, key: str) -> GuestS
 
     ssh = poll(attempt, RUN_CONNECT_S, interval=1.0, max_interval=3.0)
     if ssh is None:
-        raise SystemFailure(f"cannot reach the job's VM {vm} over SSH: {last[0] if last else 'no answer'}")
+        raise VMLost(f"cannot reach the job's VM {vm} over SSH: {last[0] if last else 'no answer'}")
     return ssh
 
 

@@ -29,8 +29,12 @@ def stop_for_good(hv: Hypervisor, state: StateDir, vm: str) -> list[str]:
         if qemu_stopped(vm):
             done.append("its QEMU is stopped (frozen)")
         else:
-            hv.suspend(vm)
-            done.append("domain paused")
+            try:
+                hv.suspend(vm)
+                done.append("domain paused")
+            except SystemFailure:  # whatever libvirt had against pausing it, this stops it
+                hv.destroy(vm)
+                done.append("domain destroyed")
     state.mark_removing(vm)
     return done
 

@@ -65,7 +65,7 @@ BASELINE_PREFIX = f"{PREFIX}-baseline-"
 BASELINE_NETWORK = "default"
 HOLD_OWNER = f"{PREFIX}-address-hold"  # reservations that keep our VMs off addresses others use
 TIMINGS_RE = re.compile(
-    r"ready at (?P<ip>\S+) \((?:cold|pool), (?P<accel>\w+)\): clone (?P<clone>[\d.]+)s, boot-to-ssh (?P<ssh>[\d.]+)s, "
+    r"ready at (?P<ip>\S+) \((?:cold|pool), (?P<accel>\w+)[^)]*\): clone (?P<clone>[\d.]+)s, boot-to-ssh (?P<ssh>[\d.]+)s, "
     r"ssh-to-docker (?P<docker>[\d.]+)s, total (?P<total>[\d.]+)s"
 )
 # The same probe prepare waits on for our image: the daemon's API answering on its socket.

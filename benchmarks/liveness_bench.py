@@ -77,7 +77,7 @@ def main() -> None:
         rows = []
         with prepared_job(config, Path(tmp), 96001) as (sim, prepared):
             vm = naming.vm_name(PREFIX, sim.job_id)
-            accel = "kvm" if ", kvm)" in prepared.stdout else "tcg"
+            accel = "kvm" if ", kvm;" in prepared.stdout else "tcg"
             with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
                 record = running_record(hv, vm)
             key = StateDir(settings.paths.state_dir).read_client_key(vm)

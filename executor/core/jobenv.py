@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from executor.core.images import ImageSpecError, JobContainers, job_containers, public_variables
+from executor.core.jobsize import VARIABLES as SIZE_VARIABLES
 from executor.core.jsonvalues import object_at
 from executor.errors import JobError
 
@@ -42,6 +43,8 @@ class Job:
     containers: JobContainers = field(default_factory=lambda: JobContainers(None))
     containers_error: str | None = None
     public_variables: tuple[tuple[str, str], ...] = ()
+    # The VM size the job asks for: (variable, raw value) of LVX_VCPUS, LVX_MEMORY_MIB, LVX_DISK_GIB.
+    size_request: tuple[tuple[str, str], ...] = ()
 
 
 def _safe_text(value: Any, limit: int = 200) -> str:
@@ -105,8 +108,14 @@ def parse_job(payload_text: str, environ: Mapping[str, str] | None = None) -> Jo
         timeout_s=timeout,
         gitlab_host=_repository_host(object_at(payload, "git_info")),
         public_variables=tuple(public_variables(variables)),
+        size_request=_size_request(variables),
         **_containers(payload, environ or {}),
     )
+
+
+def _size_request(variables: Any) -> tuple[tuple[str, str], ...]:
+    found = ((key, _first_variable(variables, key)) for key in SIZE_VARIABLES)
+    return tuple((key, value if isinstance(value, str) else str(value)) for key, value in found if value is not None)
 
 
 def _containers(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -58,6 +58,10 @@ class VMSettings:
     vcpus: int = 2
     memory_mib: int = 2048
     disk_gib: int = 20
+    # What a job may ask for (LVX_VCPUS, LVX_MEMORY_MIB, LVX_DISK_GIB); 0: the normal size.
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
+    max_disk_gib: int = 0
     # The image is built with these (core.imagerecipe); prepare refuses a config that differs.
     user: str = JOB_USER
     builds_dir: str = BUILDS_DIR
@@ -299,6 +303,15 @@ def _check(s: Settings, problems: list[str]) -> None:
         problems.append(f"vm.memory_mib: must be between 256 and 262144, got {vm.memory_mib}")
     if not 1 <= vm.disk_gib <= 4096:
         problems.append(f"vm.disk_gib: must be between 1 and 4096, got {vm.disk_gib}")
+    for key, maximum, normal, ceiling in (
+        ("max_vcpus", vm.max_vcpus, vm.vcpus, 64),
+        ("max_memory_mib", vm.max_memory_mib, vm.memory_mib, 262144),
+        ("max_disk_gib", vm.max_disk_gib, vm.disk_gib, 4096),
+    ):
+        if maximum and not normal <= maximum <= ceiling:
+            problems.append(
+                f"vm.{key}: must be 0 (the normal size) or between the normal size {normal} and {ceiling}, got {maximum}"
+            )
     if not USER_NAME.match(vm.user) or vm.user == "root":
         problems.append(f"vm.user: {vm.user!r} must be a valid non-root user name")
     for f in fields(TimeoutSettings):

@@ -18,13 +18,13 @@ from contextlib import ExitStack
 from executor.adapters.hostfiles import console_log, console_tail, load_base_image
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.statedir import StateDir
-from executor.core import naming, netpolicy
+from executor.core import jobsize, naming, netpolicy
 from executor.core.baseimage import BaseImage, config_disagreements
 from executor.core.domain_xml import JobRecord, interface_with_filter
 from executor.core.jobenv import Job, RegistryCredentials
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit
-from executor.errors import ConfigError, Interrupted, SystemFailure
+from executor.errors import ConfigError, Interrupted, JobRefused, SystemFailure
 from executor.jobvm import boot, pool
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.boot import ReadyVM, Timings
@@ -53,6 +53,12 @@ def prepare(
     runner_alive = _runner_watch()
     say = _prefixed(out)
     plan = imagemode.check(settings, job)  # before anything is made: a refused image costs nothing
+    try:
+        size = jobsize.job_size(dict(job.size_request), settings.vm)
+    except jobsize.JobSizeError as exc:
+        raise JobRefused(str(exc)) from None
+    normal = jobsize.JobSize.normal(settings.vm)
+    settings = jobsize.sized(settings, size)  # admission, limits and the domain get the job's size
     job_vm = naming.vm_name(settings.vm.name_prefix, job.job_id)
     image = load_base_image(settings.image.dir)
     mismatch = config_disagreements(image, settings.vm.user, settings.vm.builds_dir, settings.vm.cache_dir)
@@ -71,7 +77,13 @@ def prepare(
                         if note:
                             say(note)
                     runner_volume = boot.runner_volume(hv, settings, state, say)
-                    ready = _claim(hv, settings, state, image, job, job_vm, runner_volume, held, say)
+                    ready = None
+                    if size == normal:
+                        ready = _claim(hv, settings, state, image, job, job_vm, runner_volume, held, say)
+                    elif settings.pool.size > 0:
+                        say(
+                            f"this job asks for {size.describe()}; the warm pool keeps {normal.describe()}: booting a VM of its size"
+                        )
                     if ready is None:
                         boot.admit(hv, settings, image)  # early: a refusal costs nothing; again at the disk
                         ready = _boot_cold(
@@ -86,7 +98,7 @@ def prepare(
             except BaseException as exc:
                 _roll_back(settings, state, vm, job_vm, exc)
                 raise
-    say(_ready_line(ready, timings, plan is not None))
+    say(_ready_line(ready, timings, plan is not None, size))
 
 
 def _start_holder(settings: Settings, config_file: str, vm: str) -> None:
@@ -228,7 +240,7 @@ def _give(
         timings.mark("containers")
 
 
-def _ready_line(ready: ReadyVM, timings: Timings, image_mode: bool) -> str:
+def _ready_line(ready: ReadyVM, timings: Timings, image_mode: bool, size: jobsize.JobSize) -> str:
     """The prepare line: where the VM came from and where the time went."""
     end = "containers" if image_mode else "given"
     if ready.record.source == "pool":
@@ -242,7 +254,10 @@ def _ready_line(ready: ReadyVM, timings: Timings, image_mode: bool) -> str:
     if image_mode:
         parts.append(f"containers {timings.between('given', 'containers'):.1f}s")
     parts.append(f"total {timings.between(None, end):.1f}s")
-    return f"{ready.vm} ready at {ready.ip} ({ready.record.source}, {ready.record.accel}): " + ", ".join(parts)
+    return (
+        f"{ready.vm} ready at {ready.ip} ({ready.record.source}, {ready.record.accel}; {size.describe()}): "
+        + ", ".join(parts)
+    )
 
 
 def _runner_watch() -> Callable[[], bool]:

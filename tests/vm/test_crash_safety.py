@@ -28,11 +28,13 @@ import pytest
 from executor.adapters.hostfiles import load_settings
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
+from executor.admin.listing import REMOVAL_WAIT_S
 from executor.admin.listing import leftovers as host_leftovers
 from executor.admin.reap import reap
 from executor.core import naming
 from executor.core.domain_xml import build_raw_volume, parse_job_record
 from executor.core.settings import Settings
+from executor.core.waiting import poll
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim, kill_group
 
@@ -74,11 +76,18 @@ def qemu_processes(vm_prefix: str) -> list[int]:
     return pids
 
 
-def leftovers(settings: Settings) -> dict:
-    """Everything of our prefix still on the host, qemu processes included (empty: no leak)."""
-    found = host_leftovers(settings)
-    qemu = qemu_processes(settings.vm.name_prefix + "-")
-    return {**found, "qemu_processes": qemu} if qemu else found
+def leftovers(settings: Settings, settled: bool = False) -> dict:
+    """Everything of our prefix still on the host, qemu processes included (empty: no leak);
+    `settled`: once cleanup's detached remover had time to finish."""
+
+    def now() -> dict:
+        found = host_leftovers(settings)
+        qemu = qemu_processes(settings.vm.name_prefix + "-")
+        return {**found, "qemu_processes": qemu} if qemu else found
+
+    if settled:
+        poll(lambda: not now(), REMOVAL_WAIT_S, interval=0.2, max_interval=1.0)
+    return now()
 
 
 def executor(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -191,7 +200,7 @@ def test_sigkill_prepare_then_cleanup_and_reap_leave_nothing(crash, tmp_path, po
     assert cleanup.rc == 0, cleanup.describe()
     reaped = executor(config, "reap")
     assert reaped.returncode == 0, reaped.stdout + reaped.stderr
-    left = leftovers(settings)
+    left = leftovers(settings, settled=True)
     RESULTS.append(f"kill prepare at {point.name:<32} present after kill: {present:<60} leftovers: {left or 'none'}")
     assert left == {}
 
@@ -211,7 +220,7 @@ def test_sigkill_cleanup_then_cleanup_again(crash, tmp_path, delay):
     second = sim.cleanup(timeout=120)
     assert second.rc == 0, second.describe()
     assert executor(config, "reap").returncode == 0
-    left = leftovers(settings)
+    left = leftovers(settings, settled=True)
     RESULTS.append(f"kill cleanup after {delay}s, cleanup again + reap: leftovers: {left or 'none'}")
     assert left == {}
 
@@ -264,7 +273,7 @@ def test_kill_prepare_when_ssh_is_up(crash, tmp_path):
     cleanup = sim.cleanup(timeout=120)
     assert cleanup.rc == 0, cleanup.describe()
     assert executor(config, "reap").returncode == 0
-    left = leftovers(settings)
+    left = leftovers(settings, settled=True)
     RESULTS.append(f"kill prepare at {point.name:<32} present after kill: {present:<60} leftovers: {left or 'none'}")
     assert left == {}
 
@@ -406,7 +415,7 @@ def test_libvirtd_restart_during_a_job(crash, tmp_path):
             _wait_for_libvirt(settings.libvirt.uri)
         cleanup = sim.cleanup(timeout=120)
     assert cleanup.rc == 0, cleanup.describe()
-    assert leftovers(settings) == {}
+    assert leftovers(settings, settled=True) == {}
     RESULTS.append(
         "libvirtd restarted between prepare and run: run during outage -> system failure, after -> ok; leftovers: none"
     )

@@ -187,6 +187,7 @@ def test_job_token_and_secret_variables_are_not_kept():
         "containers",
         "containers_error",
         "public_variables",  # public: true only; the secret ones are in no field
+        "size_request",  # LVX_VCPUS, LVX_MEMORY_MIB and LVX_DISK_GIB only
     }
     assert set(vars(job)) == {f.name for f in dataclasses.fields(job)}  # no extra attributes
     text = repr(job) + repr(dataclasses.astuple(job))

@@ -25,7 +25,7 @@ from executor.core.domain_xml import Limits
 from executor.core.jobenv import Job
 from executor.core.settings import AdmissionSettings, ImageSettings, LimitSettings, RunnerSettings, Settings, VMSettings
 from executor.core.waiting import poll
-from executor.errors import ConfigError, Interrupted, SystemFailure
+from executor.errors import ConfigError, Interrupted, JobRefused, SystemFailure
 from executor.jobvm import boot
 from executor.stages import prepare as prepare_stage
 from tests.unit.conftest import make_driver_spec
@@ -271,3 +271,18 @@ def test_an_answering_mirror_comes_first_and_its_port_is_open_to_the_vm(tmp_sett
     assert boot.daemon_json(settings, "127.0.0.10", mirrors)["registry-mirrors"] == mirrors
     policy = boot.network_policy(settings, JOB.gitlab_host)
     assert server.server_address[1] in policy.host_ports
+
+
+def test_a_job_asking_for_more_than_the_maxima_is_its_failure_before_anything_is_made(hv, settings):
+    asking = dataclasses.replace(JOB, size_request=(("LVX_VCPUS", "3"),))
+    with pytest.raises(JobRefused, match=r"LVX_VCPUS=3, more than this runner allows \(vm.max_vcpus = 2\)"):
+        prepare_stage.prepare(settings, asking, out=lambda line: None)
+    assert left_on_host(hv, settings) == {}
+
+
+def test_admission_counts_the_size_the_job_got(hv, settings):
+    roomy = dataclasses.replace(settings, vm=VMSettings(max_disk_gib=4096))
+    asking = dataclasses.replace(JOB, size_request=(("LVX_DISK_GIB", "4096"),))
+    with pytest.raises(SystemFailure, match="and a new job's disk may grow to 4096.0 GiB"):
+        prepare_stage.prepare(roomy, asking, out=lambda line: None)
+    assert left_on_host(hv, roomy) == {}

@@ -35,6 +35,8 @@ packages=(
   # the registry mirror (distribution) and, for the vm tests, skopeo, busybox and htpasswd to
   # make and push images locally (there is no Docker Hub here)
   docker-registry skopeo busybox-static apache2-utils
+  # the proxy forwarder for corporate networks ([network] proxy), run by the host agent
+  tinyproxy
 )
 missing=()
 for p in "${packages[@]}"; do

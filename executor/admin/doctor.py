@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from executor.adapters import hostinfo, registry_daemon
+from executor.adapters import forwarder, hostinfo, registry_daemon
 from executor.adapters.cachestore import CacheStore
 from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.admin import mirror as mirror_admin
 from executor.admin import pool as pool_admin
-from executor.core import accel, mirror, naming
+from executor.core import accel, mirror, naming, proxy
 from executor.core.jobenv import Job
 from executor.core.jsonvalues import object_at
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
@@ -30,6 +30,7 @@ from executor.stages.run import run
 
 MIN_HOST_FREE = 256 * 1024**2  # state and console-log filesystems
 PROBE_JOB_ID_BASE = 999_999_999_000_000_000  # doctor --boot's VM: far above any real job id
+PROXY_CHECK_TARGET = "registry-1.docker.io:443"  # what every job host reaches: Docker Hub over HTTPS
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,36 @@ def _check_mirror(url: str) -> Check:
         f"{url} unreachable: {problem}",
         "start the mirror, or remove it from docker.registry_mirrors",
     )
+
+
+def _check_proxy(settings: Settings, target: str = PROXY_CHECK_TARGET) -> Check:
+    """The forwarder answers where VMs reach it, and the company's proxy takes its credentials
+    (a CONNECT through both, as a VM's HTTPS request goes)."""
+    url = proxy.forwarder_url(settings)
+    status, said = forwarder.connect_status(str(settings.gateway), settings.network.proxy_port, target)
+    if status is None:
+        return Check(
+            "proxy",
+            False,
+            f"the proxy forwarder {url} does not answer ({said})",
+            "the host agent runs it: `libvirt-executor agent start`; see its log (agent-<prefix>.log, proxy-<prefix>.log)",
+        )
+    if status in (401, 407):
+        return Check(
+            "proxy",
+            False,
+            f"{settings.network.proxy} refused the forwarder's credentials ({said})",
+            "put the right user:password into network.proxy_credentials_file (the agent picks it up within seconds)",
+        )
+    if status != 200:
+        return Check(
+            "proxy",
+            True,
+            f"{url} -> {settings.network.proxy} answers and takes the credentials, but could not reach {target} ({said})",
+            "check what the company's proxy allows (and this host's name resolution)",
+            warning=True,
+        )
+    return Check("proxy", True, f"{url} -> {settings.network.proxy}: a CONNECT to {target} went through")
 
 
 def _mirror_checks(settings: Settings) -> list[Check]:
@@ -224,6 +255,8 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
         add(check)
     for url in settings.docker.registry_mirrors:
         add(_check_mirror(url))
+    if proxy.enabled(settings):
+        add(_check_proxy(settings))
     if settings.pool.size > 0 and libvirt_ok:
         add(_check_pool_agent(settings))
     if boot:

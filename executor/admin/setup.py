@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from executor.adapters import hostservice
 from executor.adapters.hostfiles import load_settings
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
@@ -18,6 +19,9 @@ from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.errors import ConfigError
 
 SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example.toml"
+
+
+DEBIAN_TINYPROXY_UNIT = "tinyproxy.service"  # the package's own: listens on every address
 
 
 def setup_host(config_file: str, example: str | None = None) -> list[str]:
@@ -71,6 +75,9 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
             )
     # After the network: the mirror listens on the bridge's address.
     changes += mirror.set_up(settings, config_file)
-    # The host agent keeps the warm pool (idle with pool.size = 0); jobs never need it.
+    # The host agent keeps the warm pool (idle with pool.size = 0) and the proxy forwarder.
+    if hostservice.systemd_running() and hostservice.unit_active(DEBIAN_TINYPROXY_UNIT):
+        hostservice.systemctl("disable", "--now", DEBIAN_TINYPROXY_UNIT)
+        changes.append(f"stopped and disabled Debian's {DEBIAN_TINYPROXY_UNIT} (the agent runs its own forwarder)")
     changes += agent_client.set_up(settings, config_file)
     return changes

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from executor.adapters.statedir import StateDir
 from executor.agent import client
+from executor.agent.forwarding import ForwarderKeeper
 from executor.agent.keeper import Keeper
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted
@@ -29,23 +30,38 @@ def serve(settings: Settings, config_file: str, say: Callable[[str], None]) -> N
             f"pool.size = {settings.pool.size}, idle {settings.pool.idle}"
         )
         keeper = Keeper(config_file, settings, say)
+        forwarding = ForwarderKeeper(settings, say)
+        said: dict[str, str] = {}
+
+        def forward() -> None:
+            forwarding.round(keeper.settings)
+
+        duties: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("pool round", keeper.round),
+            ("proxy forwarder", forward),
+        )
         try:
             with signals_raise_interrupted():
                 while True:
-                    try:
-                        keeper.round()
-                    except Interrupted:
-                        raise
-                    except Exception as exc:  # one bad round (libvirtd restarting, a bug) must not end the agent
-                        text = describe(exc)
-                        if text != keeper.last_error:  # said once, not every round
-                            say(f"pool round failed: {text}")
-                            log.debug("details", exc_info=True)
-                        keeper.last_error = text
+                    for what, duty in duties:
+                        try:
+                            duty()
+                            said.pop(what, None)
+                        except Interrupted:
+                            raise
+                        except Exception as exc:  # one bad round (libvirtd restarting, a bug) must not end the agent
+                            text = describe(exc)
+                            if said.get(what) != text:  # said once, not every round
+                                say(f"{what} failed: {text}")
+                                log.debug("details", exc_info=True)
+                            said[what] = text
+                            if duty is not forward:
+                                keeper.last_error = text
                     time.sleep(ROUND_S)
         except Interrupted as exc:
             say(f"stopping ({exc}): removing the idle VMs")
         with signals_deferred():
+            forwarding.stop()
             try:
                 keeper.drain("the agent stopped")
             except ExecutorError as exc:

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -116,6 +117,12 @@ class NetworkSettings:
     allow_host_ports: tuple[int, ...] = ()  # TCP ports on the host's VM-network address
     blocked_networks: tuple[str, ...] = DEFAULT_BLOCKED_NETWORKS  # plus every host address
     allowed_networks: tuple[str, ...] = ()  # exceptions to blocked_networks
+    # The company's HTTP proxy (http://host:port, no credentials): VMs use it through a
+    # forwarder on the host (core.proxy) that adds the credentials from proxy_credentials_file.
+    proxy: str = ""
+    proxy_credentials_file: str = ""  # root-only, one line "user:password"
+    no_proxy: tuple[str, ...] = ()  # more hosts, domains or networks the VMs reach directly
+    proxy_port: int = 3128  # the forwarder's, on the host's VM-network address
 
 
 @dataclass(frozen=True)
@@ -452,6 +459,25 @@ def _check_network(n: NetworkSettings, problems: list[str]) -> None:
                 ipaddress.IPv4Network(text)
             except ValueError as exc:
                 problems.append(f"{key}: {text!r} is not an IPv4 network like 10.1.2.3/32 ({exc})")
+    if not 1 <= n.proxy_port <= 65535:
+        problems.append(f"network.proxy_port: {n.proxy_port} is not a TCP port (1-65535)")
+    if n.proxy:
+        parts = urllib.parse.urlsplit(n.proxy)
+        try:
+            proxy_port = parts.port
+        except ValueError:
+            proxy_port = None
+        if parts.scheme != "http" or not parts.hostname or proxy_port is None or parts.path not in ("", "/"):
+            problems.append(f"network.proxy: {n.proxy!r} is not a proxy URL like http://proxy.example.com:8080")
+        elif parts.username or parts.password or parts.query or parts.fragment:
+            problems.append(
+                "network.proxy: give the URL without credentials (they go into network.proxy_credentials_file)"
+            )
+    elif n.proxy_credentials_file:
+        problems.append("network.proxy_credentials_file: set without network.proxy")
+    for entry in n.no_proxy:
+        if not entry or any(c.isspace() or c == "," for c in entry):
+            problems.append(f"network.no_proxy: {entry!r} is not a host, domain or network")
 
 
 def parse_settings(text: str, source: str = "<config>") -> Settings:

@@ -26,7 +26,7 @@ from executor.adapters.hypervisor import Hypervisor
 from executor.adapters.keys import DockerTLS, generate_docker_tls, generate_ed25519
 from executor.adapters.seed_iso import build_seed_iso
 from executor.adapters.statedir import StateDir
-from executor.core import accel, mirror, naming, netpolicy, runnerbinary
+from executor.core import accel, mirror, naming, netpolicy, proxy, runnerbinary
 from executor.core.baseimage import BaseImage
 from executor.core.domain_xml import (
     CPU_PERIOD_US,
@@ -161,7 +161,7 @@ def network_policy(settings: Settings, gitlab_host: str | None = None) -> netpol
     cache_servers = [(name, hostinfo.resolve_ipv4(name)) for name in _cache_server_hosts(settings)]
     return netpolicy.decide(
         settings.gateway,
-        (*net.allow_host_ports, *mirror.host_ports(settings)),
+        (*net.allow_host_ports, *mirror.host_ports(settings), *proxy.host_ports(settings)),
         net.allowed_networks,
         net.blocked_networks,
         hostinfo.local_ipv4_addresses(),
@@ -195,6 +195,16 @@ def registry_mirrors(settings: Settings, out: Callable[[str], None]) -> list[str
                 "this job pulls Docker Hub images from Docker Hub directly"
             )
     return mirror.daemon_mirrors(settings, answers)
+
+
+def proxy_note(settings: Settings) -> str | None:
+    """The job log's line when the VM reaches the web through the company's proxy."""
+    if not proxy.enabled(settings):
+        return None
+    return (
+        f"HTTP and HTTPS go through the host's proxy forwarder {proxy.forwarder_url(settings)} to "
+        f"{settings.network.proxy}" + (" (it adds the credentials)" if settings.network.proxy_credentials_file else "")
+    )
 
 
 def mirror_cache_only_note(settings: Settings) -> str | None:
@@ -352,6 +362,8 @@ def daemon_json(settings: Settings, ip: str, mirrors: list[str]) -> dict[str, An
         config["registry-mirrors"] = mirrors
     if settings.docker.insecure_registries:
         config["insecure-registries"] = list(settings.docker.insecure_registries)
+    if proxy.enabled(settings):
+        config["proxies"] = proxy.daemon_proxies(settings)
     return config
 
 

@@ -73,7 +73,7 @@ def prepare(
                     # A failed earlier attempt whose cleanup timed out may have left debris.
                     _remove_earlier_attempt(hv, settings, state, job_vm)
                     policy = boot.network_policy(settings, job.gitlab_host)
-                    for note in (*policy.notes, boot.mirror_cache_only_note(settings)):
+                    for note in (*policy.notes, boot.proxy_note(settings), boot.mirror_cache_only_note(settings)):
                         if note:
                             say(note)
                     runner_volume = boot.runner_volume(hv, settings, state, say)

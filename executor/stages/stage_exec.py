@@ -23,7 +23,7 @@ from executor.adapters.guest_docker import GuestDocker, TLSFiles
 from executor.adapters.guest_ssh import GuestSSH, SSHNotReady
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
-from executor.core import images, naming
+from executor.core import images, naming, proxy
 from executor.core.domain_xml import JobRecord
 from executor.core.images import ImageSpec
 from executor.core.jobenv import Job
@@ -60,6 +60,9 @@ class StageSession:
         self.ssh, self.alive = ssh, alive
         self._docker = docker
         self.image = imagemode.job_image(settings, job)
+        # Exported before the runner's script, whose own exports (the job's variables) win.
+        env = proxy.environment(settings, job.gitlab_host) if proxy.enabled(settings) else {}
+        self._prelude = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode()
 
     def execute(
         self, stage: str, script: bytes, stdout: BinaryIO, stderr: BinaryIO, later: list[Callable[[], None]]
@@ -67,6 +70,7 @@ class StageSession:
         """Run `script` for `stage`; its exit status (None: killed by a signal). Tidying that
         need not delay the stage's answer goes into `later`."""
         say = job_log(stderr)
+        script = self._prelude + script
         if hostcache.enabled(self.settings) and stage in hostcache.RESTORE_STAGES:
             hostcache.restore(self.settings, self.job, self.vm, self.ssh, say)
         if self.image is not None and images.runs_in_container(stage):

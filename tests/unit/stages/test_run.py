@@ -204,3 +204,20 @@ def test_the_run_path_through_a_holder_imports_no_ssh_docker_or_libvirt_library(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_with_a_proxy_every_stage_gets_the_forwarder_before_the_runners_own_exports(stage, tmp_settings):
+    import dataclasses
+
+    from executor.core.settings import NetworkSettings
+
+    _, ssh, _ = stage
+    proxied = dataclasses.replace(tmp_settings, network=NetworkSettings(proxy="http://proxy.corp:8080"))
+    out, err = io.BytesIO(), io.BytesIO()
+    script = Path(tmp_settings.paths.state_dir).parent / "script"
+    run_stage.run(proxied, dataclasses.replace(JOB, gitlab_host="gitlab.corp"), str(script), "build_script", out, err)
+    _, stdin = ssh["fake"].streams[0]
+    prelude, _, rest = stdin.partition(b"echo hi\n")
+    assert rest == b"" and b"proxy.corp" not in prelude  # the VM sees the forwarder only
+    assert b"export HTTPS_PROXY=http://192.168.213.1:3128\n" in prelude
+    assert b"export no_proxy=localhost,127.0.0.1,192.168.213.0/24,192.168.213.1,gitlab.corp\n" in prelude

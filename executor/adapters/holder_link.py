@@ -4,9 +4,10 @@ path imports this and nothing heavier).
 A frame is one type byte, a 4-byte big-endian length and that many bytes. A stage sends its
 request (`REQUEST`: JSON with the job id and the stage; `SCRIPT`: the script) and, on SIGTERM,
 `TERMINATE`. The holder answers `ACCEPTED` when it starts the stage, then the stage's output
-(`STDOUT`, `STDERR`) in the order it came, and one `RESULT` (JSON). A stage that sees the
-socket missing, refused or closed before `ACCEPTED` knows the script never started and may run
-it another way; after `ACCEPTED` a lost holder is a failed stage.
+(`STDOUT`, `STDERR`) in the order it came, and one `RESULT` (JSON); or `BUSY` when it runs
+another stage of the job. A stage that sees the socket missing, refused, closed or `BUSY`
+before `ACCEPTED` knows the script never started and may run it another way; after `ACCEPTED`
+a lost holder is a failed stage.
 
 The socket is a 0600 file in the job's 0700 state directory, and the holder also checks the
 peer's uid (SO_PEERCRED) before it reads a request.
@@ -26,6 +27,7 @@ REQUEST = b"Q"
 SCRIPT = b"S"
 TERMINATE = b"T"
 ACCEPTED = b"A"
+BUSY = b"B"  # another stage of the job runs: run this one another way
 STDOUT = b"O"
 STDERR = b"E"
 RESULT = b"R"

@@ -23,11 +23,12 @@ import contextlib
 import io
 import logging
 import os
+import select
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -44,6 +45,7 @@ from executor.stages import stage_exec
 log = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 2.0  # between stages: is the job still there, and its VM alive?
+BUSY_POLL_S = 0.1
 REQUEST_READ_S = 30.0
 COMMAND = "hold-connection"
 
@@ -83,12 +85,40 @@ def serve(settings: Settings, job: Job, vm: str, listen_fd: int) -> None:
                         log.info("ending: %s", reason)
                         return
                     continue
-                with conn:
+                with conn, _turning_away_while_busy(listener):
                     if not _serve_stage(session, conn):
                         log.info("ending after that stage")
                         return
         except Interrupted:
             log.info("ending: %s", ended[-1] if ended else "interrupted")
+
+
+@contextlib.contextmanager
+def _turning_away_while_busy(listener: socket.socket) -> Iterator[None]:
+    """While a stage runs, another request (two stages of one job at once: not what
+    gitlab-runner does, but an operator's script may) is answered BUSY at once, instead of
+    waiting in the backlog, and its stage connects by itself."""
+    busy = threading.Event()
+    busy.set()
+
+    def turn_away() -> None:
+        while busy.is_set():
+            ready, _, _ = select.select([listener], [], [], BUSY_POLL_S)
+            if not ready or not busy.is_set():
+                continue
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # taken by the main loop meanwhile
+                continue
+            with conn, contextlib.suppress(OSError):
+                holder_link.send(conn, holder_link.BUSY)
+
+    thread = threading.Thread(target=turn_away, name="turn-away", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        busy.clear()
 
 
 def _ending_on_signals() -> list[str]:

@@ -134,6 +134,8 @@ def _follow(sock: socket.socket, stdout: BinaryIO, stderr: BinaryIO, stopping: l
             if not accepted:
                 raise NotServed(str(exc)) from None
             raise SystemFailure(f"the job's connection holder went away during the stage: {exc}") from None
+        if kind == holder_link.BUSY and not accepted:
+            raise NotServed("it runs another stage of the job")
         if kind == holder_link.ACCEPTED:
             accepted = True
             sock.settimeout(HOLDER_STOP_S if stopping else None)

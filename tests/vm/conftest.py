@@ -54,13 +54,17 @@ def write_test_config(
     vm: str = "",
     timeouts: str = "",
     image_dir: str | None = None,
+    network: str = "",
+    vcpus: int = 1,
+    memory_mib: int = 1024,
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
     console-log dir, and the executor's network policy (nwfilter lvx-job, whatever the host's
     config says) with these host ports and networks open. No registry mirror unless `mirror`
     (the [mirror] section's lines) says so; `vm` and `timeouts` are added to those sections
-    and `extra` is appended (more sections). `image_dir`: another base image than the host's."""
+    and `extra` is appended (more sections), `network` to [network]. `image_dir`: another base
+    image than the host's. `vcpus` and `memory_mib`: the normal VM size (small by default)."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -79,8 +83,8 @@ dir = "{image_dir or s.image.dir}"
 
 [vm]
 name_prefix = "{prefix}"
-vcpus = 1
-memory_mib = 1024
+vcpus = {vcpus}
+memory_mib = {memory_mib}
 {vm}
 
 [timeouts]
@@ -97,6 +101,7 @@ console_log_dir = "{directory / "console"}"
 [network]
 allow_host_ports = {list(allow_host_ports)}
 allowed_networks = {json.dumps(list(allowed_networks))}
+{network}
 
 [docker]
 {docker}

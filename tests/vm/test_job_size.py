@@ -13,12 +13,13 @@ from tests.vm.harness import RunnerSim
 
 pytestmark = pytest.mark.vm
 
-MAXIMA = "max_vcpus = 2\nmax_memory_mib = 1048576\nmax_disk_gib = 40"
+MAXIMA = "max_vcpus = 2\nmax_memory_mib = 262144\nmax_disk_gib = 40"
 
 
 @pytest.fixture
 def config(host_settings, tmp_path):
-    return write_test_config(host_settings, tmp_path / "cfg", "lvxsize", vm=MAXIMA)
+    # The normal size 2 vCPUs / 2 GiB, so that a smaller job's VM shows the difference.
+    return write_test_config(host_settings, tmp_path / "cfg", "lvxsize", vm=MAXIMA, vcpus=2, memory_mib=2048)
 
 
 def test_a_job_gets_the_size_it_asks_for(config, tmp_path, leftovers):
@@ -50,10 +51,10 @@ def test_a_request_above_the_maximum_is_the_jobs_failure_and_makes_nothing(confi
 
 
 def test_admission_refuses_a_size_the_host_cannot_hold(config, tmp_path, leftovers):
-    sim = RunnerSim(config, tmp_path / "runner", 6103, variables={"LVX_MEMORY_MIB": "1048576"})  # 1 TiB
+    sim = RunnerSim(config, tmp_path / "runner", 6103, variables={"LVX_MEMORY_MIB": "262144"})  # 256 GiB
     prepared = sim.prepare()
     assert prepared.rc == 2, prepared.describe()  # a system failure: another runner may hold it
     assert "not starting a job VM on this host now: " in prepared.stderr, prepared.describe()
-    assert "and a job VM needs 1048576 MiB" in prepared.stderr, prepared.describe()
+    assert "and a job VM needs 262144 MiB" in prepared.stderr, prepared.describe()
     assert leftovers(config) == {}
     sim.cleanup()

@@ -286,3 +286,33 @@ def test_sigterm_is_passed_to_the_holder_and_run_ends_interrupted_once_it_answer
         _through(tmp_path / "holder.sock")
     thread.join(5)
     assert seen["then"] == (holder_link.TERMINATE, b"SIGTERM")
+
+
+def test_a_second_stage_while_one_runs_is_turned_away_busy_at_once(session, tmp_path):
+    session.behaviour = "wait"
+    listener = holder_link.listen(tmp_path / "holder.sock")
+    answers: list[tuple[bytes, bytes]] = []
+
+    def second_then_stop(sock):
+        other = holder_link.dial(tmp_path / "holder.sock")
+        assert other is not None
+        other.settimeout(5)
+        answers.append(holder_link.receive(other))
+        other.close()
+        holder_link.send(sock, holder_link.TERMINATE, b"SIGTERM")
+
+    server, client = _pair()
+    thread, frames = _client(client, then=second_then_stop)
+    with holder._turning_away_while_busy(listener):
+        assert holder._serve_stage(session, server) is True
+    thread.join(5)
+    listener.close()
+    assert answers == [(holder_link.BUSY, b"")]
+    assert frames[-1] == (holder_link.RESULT, b'{"interrupted": "SIGINT"}')
+
+
+def test_run_turned_away_busy_is_not_served(tmp_path):
+    thread, _ = _holder(tmp_path / "holder.sock", lambda conn, seen: holder_link.send(conn, holder_link.BUSY))
+    with pytest.raises(NotServed, match="another stage"):
+        _through(tmp_path / "holder.sock")
+    thread.join(5)

@@ -38,6 +38,7 @@ class Forwarder:
         for pid in _leftovers(self.config):  # of an agent that was killed: it holds the port
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        self.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if self.log.stat().st_size > LOG_KEEP_BYTES:
                 os.replace(self.log, self.log.with_name(self.log.name + ".1"))

@@ -36,7 +36,7 @@ packages=(
   # make and push images locally (there is no Docker Hub here)
   docker-registry skopeo busybox-static apache2-utils
   # the proxy forwarder for corporate networks ([network] proxy), run by the host agent
-  tinyproxy
+  squid
 )
 missing=()
 for p in "${packages[@]}"; do

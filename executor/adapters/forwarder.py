@@ -1,8 +1,8 @@
-"""The proxy forwarder's process on the host: Debian's tinyproxy (core.proxy writes its config),
-run and restarted by the host agent.
+"""The proxy forwarder's process on the host: Debian's squid in the foreground (core.proxy
+writes its config), run and restarted by the host agent.
 
-Its config is root's alone (0600: it holds the company proxy's password); tinyproxy reads it as
-root and then drops to its own user. Its output goes to a log beside the agent's.
+Its config is root's alone (0600: it holds the company proxy's password); squid reads it as
+root and then runs as its own user. Its output goes to a log beside the agent's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-TINYPROXY = "/usr/bin/tinyproxy"
+SQUID = "/usr/sbin/squid"
 LOG_KEEP_BYTES = 8 * 1024**2  # a longer log moves to <log>.1 at the next start
 
 
@@ -28,7 +28,7 @@ class Forwarder:
         return self._proc is not None and self._proc.poll() is None
 
     def keep(self, text: str) -> str | None:
-        """Have tinyproxy run with config `text`: what was done ("started", "restarted: ..."),
+        """Have squid run with config `text`: what was done ("started", "restarted: ..."),
         None when it already ran with it."""
         changed = _write_private(self.config, text)
         if self.running() and not changed:
@@ -45,7 +45,11 @@ class Forwarder:
         fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._proc = subprocess.Popen(
-                [TINYPROXY, "-d", "-c", str(self.config)], stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd="/"
+                [SQUID, "-N", "-d", "1", "-f", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                cwd="/",
             )
         finally:
             os.close(fd)
@@ -78,7 +82,7 @@ def _write_private(path: Path, text: str) -> bool:
 
 
 def _leftovers(config: Path) -> list[int]:
-    wanted = [TINYPROXY, "-d", "-c", str(config)]
+    wanted = [SQUID, "-N", "-d", "1", "-f", str(config)]
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

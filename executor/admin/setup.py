@@ -21,7 +21,7 @@ from executor.errors import ConfigError
 SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example.toml"
 
 
-DEBIAN_TINYPROXY_UNIT = "tinyproxy.service"  # the package's own: listens on every address
+DEBIAN_SQUID_UNIT = "squid.service"  # the package's own: on every address, at our port 3128
 
 
 def setup_host(config_file: str, example: str | None = None) -> list[str]:
@@ -76,8 +76,8 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
     # After the network: the mirror listens on the bridge's address.
     changes += mirror.set_up(settings, config_file)
     # The host agent keeps the warm pool (idle with pool.size = 0) and the proxy forwarder.
-    if hostservice.systemd_running() and hostservice.unit_active(DEBIAN_TINYPROXY_UNIT):
-        hostservice.systemctl("disable", "--now", DEBIAN_TINYPROXY_UNIT)
-        changes.append(f"stopped and disabled Debian's {DEBIAN_TINYPROXY_UNIT} (the agent runs its own forwarder)")
+    if hostservice.systemd_running() and hostservice.unit_active(DEBIAN_SQUID_UNIT):
+        hostservice.systemctl("disable", "--now", DEBIAN_SQUID_UNIT)
+        changes.append(f"stopped and disabled Debian's {DEBIAN_SQUID_UNIT} (the agent runs its own forwarder)")
     changes += agent_client.set_up(settings, config_file)
     return changes

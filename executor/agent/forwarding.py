@@ -18,7 +18,7 @@ class ForwarderKeeper:
     def __init__(self, settings: Settings, say: Callable[[str], None]) -> None:
         prefix = settings.vm.name_prefix
         self.forwarder = Forwarder(
-            StateDir(settings.paths.state_dir).agent_file(prefix, "tinyproxy.conf"),
+            StateDir(settings.paths.state_dir).agent_file(prefix, "squid.conf"),
             Path(settings.paths.console_log_dir) / f"proxy-{prefix}.log",
         )
         self.say = say

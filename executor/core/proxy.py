@@ -1,9 +1,11 @@
 """Corporate networks: job VMs reach the web through the company's HTTP proxy, and its password
 never reaches them.
 
-The host runs a forwarder (Debian's tinyproxy) on its VM-network address only, open to the VM
-network only, that passes every request (plain HTTP, and CONNECT for HTTPS) on to
-`[network] proxy` with the credentials from `proxy_credentials_file`. VMs get the forwarder's
+The host runs a forwarder (Debian's squid, with the company's proxy as its only parent) on its
+VM-network address only, open to the VM network only, that passes every request (plain HTTP,
+and CONNECT for HTTPS) on to `[network] proxy` with the credentials from
+`proxy_credentials_file`. (tinyproxy, tried first, keeps only the first of repeated request
+headers: dockerd's several `Accept` headers lost, a registry refuses OCI manifests.) VMs get the forwarder's
 password-less address: dockerd in its daemon.json, every stage in its environment (HTTP_PROXY,
 HTTPS_PROXY, NO_PROXY and the lower-case spellings, which the job's own variables override).
 This module is the pure part: the forwarder's config, and what VMs are told.
@@ -17,7 +19,7 @@ from collections.abc import Iterable
 from executor.core.settings import Settings
 from executor.errors import ConfigError
 
-FORWARDER_USER = "tinyproxy"  # the unprivileged user Debian's package creates
+FORWARDER_USER = "proxy"  # the unprivileged user squid runs as on Debian
 
 
 def enabled(settings: Settings) -> bool:
@@ -34,38 +36,47 @@ def host_ports(settings: Settings) -> tuple[int, ...]:
 
 
 def parse_credentials(text: str, source: str) -> tuple[str, str]:
-    """`user:password` from the credentials file (one line). tinyproxy's `Upstream` line cannot
-    carry whitespace, '@' or a ':' in the user name, nor a quote."""
+    """`user:password` from the credentials file (one line). squid's `login=` option cannot
+    carry whitespace, and unescapes '%'; no quotes or '@' either, to stay on the safe side."""
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) != 1 or ":" not in lines[0]:
         raise ConfigError(f"{source}: must hold one line user:password")
     user, password = lines[0].strip().split(":", 1)
-    if not user or not password or any(c.isspace() or c in "@\"'" for c in user + password):
+    if not user or not password or any(c.isspace() or c in "@%\"'" for c in user + password):
         raise ConfigError(
-            f"{source}: the user and the password must be non-empty, without spaces, '@' or quotes "
+            f"{source}: the user and the password must be non-empty, without spaces, '@', '%' or quotes "
             "(a limit of the forwarder's config syntax)"
         )
     return user, password
 
 
 def forwarder_config(settings: Settings, credentials: tuple[str, str] | None) -> str:
-    """tinyproxy's config: listen on the host's VM-network address, serve the VM network only,
-    pass everything to the company's proxy with its credentials. The one secret in it is the
-    password: the file is root's alone (tinyproxy reads it before it drops to its own user)."""
+    """squid's config: listen on the host's VM-network address, serve the VM network only, send
+    everything (CONNECT too) to the company's proxy with its credentials, cache nothing, add no
+    Via or X-Forwarded-For. The one secret in it is the password: the file is root's alone
+    (squid reads it as root, then runs as its own user)."""
     upstream = urllib.parse.urlsplit(settings.network.proxy)
-    auth = f"{credentials[0]}:{credentials[1]}@" if credentials else ""
+    login = f" login={credentials[0]}:{credentials[1]}" if credentials else ""
     return (
         "# written by libvirt-executor (network.proxy); do not edit\n"
-        f"User {FORWARDER_USER}\n"
-        f"Group {FORWARDER_USER}\n"
-        f"Listen {settings.gateway}\n"
-        f"Port {settings.network.proxy_port}\n"
-        f"Allow {settings.subnet}\n"
-        f"Upstream http {auth}{upstream.hostname}:{upstream.port}\n"
-        "DisableViaHeader Yes\n"
-        "Timeout 600\n"
-        "MaxClients 200\n"
-        "LogLevel Notice\n"
+        f"http_port {settings.gateway}:{settings.network.proxy_port}\n"
+        f"acl job_vms src {settings.subnet}\n"
+        "http_access allow job_vms\n"
+        "http_access deny all\n"
+        f"cache_peer {upstream.hostname} parent {upstream.port} 0 no-query no-digest default{login}\n"
+        "never_direct allow all\n"
+        "cache deny all\n"
+        "via off\n"
+        "forwarded_for delete\n"
+        "pinger_enable off\n"
+        "shutdown_lifetime 1 seconds\n"
+        f"cache_effective_user {FORWARDER_USER}\n"
+        # The agent keeps the process (no pid file); `squid -N -d 1` logs to stderr, its log.
+        "pid_filename none\n"
+        "cache_log /dev/null\n"
+        "access_log none\n"
+        "coredump_dir /tmp\n"
+        "visible_hostname libvirt-executor-forwarder\n"
     )
 
 

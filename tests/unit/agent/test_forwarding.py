@@ -1,6 +1,6 @@
-"""The host agent's proxy forwarder and doctor's check of it, with real tinyproxy processes on
-loopback: the agent's forwarder (Debian's tinyproxy, as in production) in front of a stand-in for
-the company's proxy (another tinyproxy, asking for a password), and a TCP listener as the web."""
+"""The host agent's proxy forwarder and doctor's check of it, with real squid processes on
+loopback: the agent's forwarder (as in production) in front of a stand-in for the company's
+proxy (another squid, asking for a password), and a TCP listener as the web."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import os
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from executor.admin.doctor import _check_proxy
 from executor.agent.forwarding import ForwarderKeeper
 from executor.core.settings import NetworkSettings, Settings
 from executor.core.waiting import poll
+from executor.testing.company_proxy import company_proxy
 
-pytestmark = pytest.mark.skipif(not shutil.which("tinyproxy") or os.geteuid() != 0, reason="needs tinyproxy and root")
+pytestmark = pytest.mark.skipif(not shutil.which("squid") or os.geteuid() != 0, reason="needs squid and root")
 
 
 def _free_port(host: str) -> int:
@@ -37,16 +37,10 @@ def _answers(host: str, port: int) -> bool:
 
 
 @pytest.fixture
-def company_proxy(tmp_path):
+def company(tmp_path):
     """The company's proxy: user "bot", password "right-pw", on 127.0.0.2."""
-    port = _free_port("127.0.0.2")
-    conf = tmp_path / "company.conf"
-    conf.write_text(f"Port {port}\nListen 127.0.0.2\nAllow 127.0.0.0/8\nBasicAuth bot right-pw\nLogLevel Info\n")
-    proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert poll(lambda: _answers("127.0.0.2", port), 10, interval=0.1)
-    yield f"http://127.0.0.2:{port}"
-    proc.terminate()
-    proc.wait(10)
+    with company_proxy("127.0.0.2", _free_port("127.0.0.2"), "bot", "right-pw") as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -57,30 +51,30 @@ def web():
     server.close()
 
 
-def _settings(tmp_path, company_proxy, password: str) -> Settings:
+def _settings(tmp_path, company, password: str) -> Settings:
     credentials = tmp_path / "proxy-credentials"
     credentials.write_text(f"bot:{password}\n")
     credentials.chmod(0o600)
     (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
     network = NetworkSettings(
-        proxy=company_proxy, proxy_credentials_file=str(credentials), proxy_port=_free_port("127.0.0.1")
+        proxy=company, proxy_credentials_file=str(credentials), proxy_port=_free_port("127.0.0.1")
     )
     paths = dataclasses.replace(Settings().paths, state_dir=str(tmp_path / "state"), console_log_dir=str(tmp_path))
     libvirt = dataclasses.replace(Settings().libvirt, subnet="127.0.0.0/24")  # the forwarder on 127.0.0.1
     return Settings(libvirt=libvirt, network=network, paths=paths)
 
 
-def test_the_agents_forwarder_adds_the_credentials_and_doctor_sees_it_through(tmp_path, company_proxy, web):
+def test_the_agents_forwarder_adds_the_credentials_and_doctor_sees_it_through(tmp_path, company, web):
     said: list[str] = []
-    settings = _settings(tmp_path, company_proxy, "right-pw")
+    settings = _settings(tmp_path, company, "right-pw")
     keeper = ForwarderKeeper(settings, said.append)
     try:
         keeper.round(settings)
         assert said == [
-            f"proxy forwarder started: http://127.0.0.1:{settings.network.proxy_port} -> {company_proxy} (with credentials)"
+            f"proxy forwarder started: http://127.0.0.1:{settings.network.proxy_port} -> {company} (with credentials)"
         ]
         assert poll(lambda: _answers("127.0.0.1", settings.network.proxy_port), 10, interval=0.1)
-        config = Path(settings.paths.state_dir) / "agent" / "lvx.tinyproxy.conf"
+        config = Path(settings.paths.state_dir) / "agent" / "lvx.squid.conf"
         assert config.stat().st_mode & 0o777 == 0o600  # it holds the password
         check = _check_proxy(settings, target=web)
         assert check.ok and not check.warning, check.line()
@@ -91,15 +85,15 @@ def test_the_agents_forwarder_adds_the_credentials_and_doctor_sees_it_through(tm
         keeper.stop()
 
 
-def test_wrong_credentials_are_a_clear_failure_and_a_fixed_file_is_picked_up(tmp_path, company_proxy, web):
+def test_wrong_credentials_are_a_clear_failure_and_a_fixed_file_is_picked_up(tmp_path, company, web):
     said: list[str] = []
-    settings = _settings(tmp_path, company_proxy, "wrong-pw")
+    settings = _settings(tmp_path, company, "wrong-pw")
     keeper = ForwarderKeeper(settings, said.append)
     try:
         keeper.round(settings)
         assert poll(lambda: _answers("127.0.0.1", settings.network.proxy_port), 10, interval=0.1)
         check = _check_proxy(settings, target=web)
-        assert check.ok is False and f"{company_proxy} refused the forwarder's credentials" in check.detail
+        assert check.ok is False and f"{company} refused the forwarder's credentials" in check.detail
         assert "network.proxy_credentials_file" in check.fix and "wrong-pw" not in check.line()
         Path(settings.network.proxy_credentials_file).write_text("bot:right-pw\n")
         keeper.round(settings)

@@ -18,11 +18,15 @@ def settings(**network) -> Settings:
 def test_the_forwarder_serves_the_vm_network_on_its_host_address_and_adds_the_credentials():
     text = proxy.forwarder_config(settings(), ("bot", "s3cret"))
     lines = text.splitlines()
-    assert "Listen 192.168.213.1" in lines and "Port 3128" in lines and "Allow 192.168.213.0/24" in lines
-    assert "Upstream http bot:s3cret@proxy.corp:8080" in lines
-    assert "User tinyproxy" in lines and "DisableViaHeader Yes" in lines
+    assert "http_port 192.168.213.1:3128" in lines
+    assert lines.index("acl job_vms src 192.168.213.0/24") < lines.index("http_access allow job_vms")
+    assert lines.index("http_access allow job_vms") < lines.index("http_access deny all")
+    assert "cache_peer proxy.corp parent 8080 0 no-query no-digest default login=bot:s3cret" in lines
+    assert "never_direct allow all" in lines and "cache deny all" in lines  # always through the company's
+    assert "via off" in lines and "forwarded_for delete" in lines and "cache_effective_user proxy" in lines
     assert text.count("s3cret") == 1
-    assert "Upstream http proxy.corp:8080" in proxy.forwarder_config(settings(), None).splitlines()
+    unauthenticated = proxy.forwarder_config(settings(), None).splitlines()
+    assert "cache_peer proxy.corp parent 8080 0 no-query no-digest default" in unauthenticated
 
 
 def test_vms_get_the_password_less_forwarder_and_reach_their_network_the_host_and_gitlab_directly():
@@ -52,6 +56,7 @@ def test_vms_get_the_password_less_forwarder_and_reach_their_network_the_host_an
         ("bot:\n", None),
         ("bot:pass word\n", None),
         ("bot:p@ss\n", None),
+        ("bot:p%41ss\n", None),
         ("a:b\nc:d\n", None),
     ],
 )

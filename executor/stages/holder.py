@@ -67,6 +67,7 @@ def serve(settings: Settings, job: Job, vm: str, listen_fd: int) -> None:
     state = StateDir(settings.paths.state_dir)
     listener = socket.socket(fileno=listen_fd)
     ended = _ending_on_signals()
+    _one_log_stream()
     with holder_service(state, vm).hold(), listener, ExitStack() as held:
         try:
             session = stage_exec.open_session(settings, job, state, vm, held)
@@ -85,8 +86,8 @@ def serve(settings: Settings, job: Job, vm: str, listen_fd: int) -> None:
                         log.info("ending: %s", reason)
                         return
                     continue
-                with conn, _turning_away_while_busy(listener):
-                    if not _serve_stage(session, conn):
+                with conn:
+                    if not _serve_stage(session, conn, lambda: _turning_away_while_busy(listener)):
                         log.info("ending after that stage")
                         return
         except Interrupted:
@@ -121,6 +122,16 @@ def _turning_away_while_busy(listener: socket.socket) -> Iterator[None]:
         busy.clear()
 
 
+def _one_log_stream() -> None:
+    """paramiko's warnings through our handler: one lock per line, so that its transport
+    thread's lines never cut into ours in the log."""
+    ours = logging.getLogger("executor")
+    theirs = logging.getLogger("paramiko")
+    theirs.handlers[:] = ours.handlers
+    theirs.setLevel(logging.WARNING)
+    theirs.propagate = False
+
+
 def _ending_on_signals() -> list[str]:
     """SIGTERM or SIGHUP while idle end the holder (a stage's own handler stops the stage
     first); SIGINT is how a client's TERMINATE reaches a running stage, and nothing else."""
@@ -149,8 +160,13 @@ def _why_not_needed(state: StateDir, vm: str, session: stage_exec.StageSession) 
     return None
 
 
-def _serve_stage(session: stage_exec.StageSession, conn: socket.socket) -> bool:
-    """Run the stage `conn` asks for and answer; whether the holder goes on afterwards."""
+def _serve_stage(
+    session: stage_exec.StageSession,
+    conn: socket.socket,
+    while_running: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+) -> bool:
+    """Run the stage `conn` asks for (within `while_running`) and answer, then tidy up after it
+    (a next stage waits for that in the backlog); whether the holder goes on afterwards."""
     try:
         if holder_link.peer_uid(conn) != os.geteuid():
             log.warning("refused a request from uid %d", holder_link.peer_uid(conn))
@@ -170,7 +186,9 @@ def _serve_stage(session: stage_exec.StageSession, conn: socket.socket) -> bool:
     go_on = True
     running.set()
     try:
-        status = session.execute(stage, script, _sink(conn, holder_link.STDOUT), _sink(conn, holder_link.STDERR), later)
+        with while_running():
+            out, err = _sink(conn, holder_link.STDOUT), _sink(conn, holder_link.STDERR)
+            status = session.execute(stage, script, out, err, later)
         result = {"status": status}
     except Interrupted as exc:
         result = {"interrupted": exc.signal_name}

@@ -82,8 +82,13 @@ def _same_through_the_holder_and_directly(config: Path, sim: RunnerSim) -> None:
     assert _holder_pid(config, sim) == pid
     settings = load_settings(str(config))
     state = StateDir(settings.paths.state_dir)
-    served = state.holder_file(job_vm(settings, state, sim.job_id), "log").read_text()
-    assert [line.split(": ")[1] for line in served.splitlines() if line.count(": ") == 2] == list(NINE_STAGES)
+    holder_log = state.holder_file(job_vm(settings, state, sim.job_id), "log")
+
+    def served_all() -> bool:  # the holder logs a stage once it has tidied up after answering
+        served = holder_log.read_text()
+        return all(f"libvirt-executor: {stage}: " in served for stage in NINE_STAGES)
+
+    assert poll(served_all, 10, interval=0.2), holder_log.read_text()
     _stop_holder(config, sim)
     sim.build_exit_code_file.unlink()
     direct = _nine(sim)

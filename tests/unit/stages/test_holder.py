@@ -303,8 +303,7 @@ def test_a_second_stage_while_one_runs_is_turned_away_busy_at_once(session, tmp_
 
     server, client = _pair()
     thread, frames = _client(client, then=second_then_stop)
-    with holder._turning_away_while_busy(listener):
-        assert holder._serve_stage(session, server) is True
+    assert holder._serve_stage(session, server, lambda: holder._turning_away_while_busy(listener)) is True
     thread.join(5)
     listener.close()
     assert answers == [(holder_link.BUSY, b"")]

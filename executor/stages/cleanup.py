@@ -11,11 +11,12 @@ of ours, which `reap` removes ("stopped"), as it always did.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from executor.adapters.hostservice import start_detached, this_command
-from executor.adapters.hypervisor import connect
+from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.statedir import StateDir
 from executor.core import naming
 from executor.core.jobenv import Job
@@ -35,18 +36,12 @@ REMOVE_COMMAND = "remove-job"
 def cleanup(settings: Settings, job: Job, config_file: str | None = None) -> None:
     """Destroy the job's VM; then remove the rest, in a detached remover started with
     `config_file` (None: here, before returning)."""
-    cold = naming.vm_name(settings.vm.name_prefix, job.job_id)
-    state = StateDir(settings.paths.state_dir)
     if config_file is None:
         remove(settings, job.job_id)
         return
-    with signals_deferred(), time_limit(settings.timeouts.cleanup, f"cleanup of {cold}"):
-        with connect(settings.libvirt.uri, naming.METADATA_NS) as hv, state.job_lock(cold, LOCK_WAIT_S):
-            vm = job_vm(settings, state, job.job_id)
-            with ExitStack() as locks:
-                if vm != cold:
-                    locks.enter_context(state.job_lock(vm, LOCK_WAIT_S))
-                stopped = stop_for_good(hv, state, vm)
+    with _job_vm_locked(settings, job.job_id) as (hv, state, vm):
+        stopped = stop_for_good(hv, state, vm)
+        # Still with signals deferred: a stopped VM is not left without its remover. It waits for our locks.
         argv = [*this_command(), "--config", config_file, REMOVE_COMMAND, str(job.job_id)]
         start_detached(argv, Path(settings.paths.console_log_dir) / f"remover-{settings.vm.name_prefix}.log")
     log.info("%s: %s; the rest is removed in the background", vm, ", ".join(stopped) or "not running")
@@ -54,17 +49,23 @@ def cleanup(settings: Settings, job: Job, config_file: str | None = None) -> Non
 
 def remove(settings: Settings, job_id: int) -> None:
     """Remove everything of job `job_id`'s VM, under the job's lock (and the pool VM's)."""
+    with _job_vm_locked(settings, job_id) as (hv, state, vm):
+        removed = teardown(hv, settings, state, vm)
+        for name in {vm, naming.vm_name(settings.vm.name_prefix, job_id)}:
+            state.remove_lock_file(name)  # still held: nothing of the job is left
+    log.info("cleaned up %s: %s", vm, ", ".join(removed) if removed else "nothing was left")
+
+
+@contextmanager
+def _job_vm_locked(settings: Settings, job_id: int) -> Iterator[tuple[Hypervisor, StateDir, str]]:
+    """The job's VM (its cold one, or the pool VM it claimed) under the job's lock first
+    (prepare holds it while it claims), then the VM's (reap's); signals deferred, time bounded."""
     cold = naming.vm_name(settings.vm.name_prefix, job_id)
     state = StateDir(settings.paths.state_dir)
     with signals_deferred(), time_limit(settings.timeouts.cleanup, f"cleanup of {cold}"):
-        # The job's lock first (prepare holds it while it claims), then the VM's (reap's).
         with connect(settings.libvirt.uri, naming.METADATA_NS) as hv, state.job_lock(cold, LOCK_WAIT_S):
             vm = job_vm(settings, state, job_id)
-            if vm == cold:
-                removed = teardown(hv, settings, state, vm)
-            else:
-                with state.job_lock(vm, LOCK_WAIT_S):
-                    removed = teardown(hv, settings, state, vm)
-                    state.remove_lock_file(vm)
-            state.remove_lock_file(cold)
-    log.info("cleaned up %s: %s", vm, ", ".join(removed) if removed else "nothing was left")
+            with ExitStack() as locks:
+                if vm != cold:
+                    locks.enter_context(state.job_lock(vm, LOCK_WAIT_S))
+                yield hv, state, vm

@@ -3,6 +3,7 @@ addresses, bridge netfilter) and name resolution."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import ipaddress
 import os
@@ -10,6 +11,7 @@ import shutil
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from executor.core import accel, admission, mirror, netpolicy
 
@@ -99,6 +101,18 @@ def listening_tcp() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address,
                 found += mirror.parse_proc_net_tcp(f.read(), ipv6)
         except OSError:
             continue
+    return found
+
+
+def processes_running(argv: list[str]) -> list[int]:
+    """Pids of the processes whose command line is exactly `argv`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+                if [part.decode(errors="replace") for part in cmdline] == argv:
+                    found.append(int(entry.name))
     return found
 
 

@@ -177,18 +177,8 @@ def garbage_collect(mirror: MirrorDir, user: str, timeout: float = 600) -> int:
     return output.count("blob eligible for deletion")
 
 
-def _registry_processes(config: Path) -> list[int]:
-    """Pids of registries serving `config` (a killed supervisor leaves its registry running)."""
-    wanted = [REGISTRY_BINARY, "serve", str(config)]
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-            if [a.decode(errors="replace") for a in argv] == wanted:
-                found.append(int(entry.name))
-    return found
+def serve_argv(mirror: MirrorDir) -> list[str]:
+    return [REGISTRY_BINARY, "serve", str(mirror.config)]
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -207,6 +197,7 @@ def supervise(
     config_for: Callable[[str], str],
     upstream: UpstreamWatch,
     upstream_problem: Callable[[], str | None],
+    leftovers: list[int],
     check_every: float,
     maintenance_due: Callable[[], bool],
     maintain: Callable[[], None],
@@ -218,7 +209,8 @@ def supervise(
     asked every `check_every` seconds. The upstream is probed every UPSTREAM_PROBE_S: the
     registry runs with `config_for(mode)` for the mode `upstream` decides (pulling through, or
     serving the cache only), restarted when that changes; the mode is kept in the mode file.
-    Only one registry ever runs over the storage. Call with the supervisor lock held."""
+    Only one registry ever runs over the storage: `leftovers` (pids of registries serving this
+    mirror, left by a killed supervisor) are stopped first. Call with the supervisor lock held."""
     uid, gid = account(user)
     stopping: list[int] = []
 
@@ -227,7 +219,7 @@ def supervise(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    for pid in _registry_processes(mirror.config):
+    for pid in leftovers:
         say(f"stopping a registry left by an earlier supervisor (pid {pid})")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -254,7 +246,7 @@ def supervise(
         with open(mirror.log, "ab") as log:
             log_offset = log.tell()
             proc = subprocess.Popen(
-                [REGISTRY_BINARY, "serve", str(mirror.config)],
+                serve_argv(mirror),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -303,6 +303,15 @@ class StateDir:
         self.ensure()
         return self.agent_dir / f"{prefix}.{suffix}"
 
+    def write_agent_file(self, prefix: str, suffix: str, text: str) -> bool:
+        """Replace an agent file (0600) with `text` when it differs; whether it did."""
+        path = self.agent_file(prefix, suffix)
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8") == text:
+                return False
+        _write_atomic(path, text)
+        return True
+
     def write_agent_status(self, prefix: str, value: dict[str, Any]) -> None:
         _write_atomic(self.agent_file(prefix, "status.json"), json.dumps(value))
 

@@ -163,6 +163,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             config_for=lambda mode: config_text(settings, mode),
             upstream=mirror.UpstreamWatch(settings.mirror.upstream),
             upstream_problem=lambda: registry_daemon.probe(settings.mirror.upstream, timeout=UPSTREAM_PROBE_TIMEOUT_S),
+            leftovers=hostinfo.processes_running(registry_daemon.serve_argv(mdir)),
             check_every=CHECK_EVERY_S,
             maintenance_due=lambda: over_cap(settings),
             maintain=maintain,

@@ -14,7 +14,6 @@ This module is the pure part: the forwarder's config, and what VMs are told.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Iterable
 
 from executor.core.settings import Settings
 from executor.errors import ConfigError
@@ -86,7 +85,7 @@ def no_proxy(settings: Settings, gitlab_host: str | None) -> list[str]:
     entries = ["localhost", "127.0.0.1", str(settings.subnet), str(settings.gateway)]
     if gitlab_host:
         entries.append(gitlab_host)
-    return _unique([*entries, *settings.network.no_proxy])
+    return list(dict.fromkeys([*entries, *settings.network.no_proxy]))  # first occurrence, in order
 
 
 def environment(settings: Settings, gitlab_host: str | None) -> dict[str, str]:
@@ -101,10 +100,3 @@ def daemon_proxies(settings: Settings) -> dict[str, str]:
     in it; network.no_proxy is)."""
     url = forwarder_url(settings)
     return {"http-proxy": url, "https-proxy": url, "no-proxy": ",".join(no_proxy(settings, None))}
-
-
-def _unique(items: Iterable[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for item in items:
-        seen.setdefault(item, None)
-    return list(seen)

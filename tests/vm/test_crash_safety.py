@@ -90,6 +90,27 @@ def leftovers(settings: Settings, settled: bool = False) -> dict:
     return now()
 
 
+def why_left(settings: Settings, left: dict, reaped: subprocess.CompletedProcess | None = None) -> str:
+    """What a failed leak check needs to be understood afterwards: the removers' log, reap's
+    output, and who holds each leftover lock file (from /proc/locks)."""
+    lines = [f"leftovers: {left}"]
+    if reaped is not None:
+        lines.append(f"reap said: {reaped.stdout.strip()} {reaped.stderr.strip()}")
+    removers = Path(settings.paths.console_log_dir) / f"remover-{PREFIX}.log"
+    if removers.exists():
+        lines.append("removers' log (tail):\n" + "\n".join(removers.read_text().splitlines()[-6:]))
+    state = StateDir(settings.paths.state_dir)
+    held = Path("/proc/locks").read_text().splitlines()
+    for vm in left.get("locks", []):
+        try:
+            inode = state.lock_path(vm).stat().st_ino
+        except FileNotFoundError:
+            continue
+        holders = [line for line in held if line.split()[-3].endswith(f":{inode}")]
+        lines.append(f"lock of {vm} (inode {inode}) held: {holders or 'by nobody'}")
+    return "\n".join(lines)
+
+
 def executor(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "executor", "--config", str(config), *args],
@@ -202,7 +223,7 @@ def test_sigkill_prepare_then_cleanup_and_reap_leave_nothing(crash, tmp_path, po
     assert reaped.returncode == 0, reaped.stdout + reaped.stderr
     left = leftovers(settings, settled=True)
     RESULTS.append(f"kill prepare at {point.name:<32} present after kill: {present:<60} leftovers: {left or 'none'}")
-    assert left == {}
+    assert left == {}, why_left(settings, left, reaped)
 
 
 @pytest.mark.parametrize("delay", [0.3, 1.0])
@@ -219,10 +240,11 @@ def test_sigkill_cleanup_then_cleanup_again(crash, tmp_path, delay):
     proc.wait()
     second = sim.cleanup(timeout=120)
     assert second.rc == 0, second.describe()
-    assert executor(config, "reap").returncode == 0
+    reaped = executor(config, "reap")
+    assert reaped.returncode == 0, reaped.stdout + reaped.stderr
     left = leftovers(settings, settled=True)
     RESULTS.append(f"kill cleanup after {delay}s, cleanup again + reap: leftovers: {left or 'none'}")
-    assert left == {}
+    assert left == {}, why_left(settings, left, reaped)
 
 
 @pytest.mark.parametrize(
@@ -272,10 +294,11 @@ def test_kill_prepare_when_ssh_is_up(crash, tmp_path):
     present = kill_prepare_at(sim, settings, vm, point)
     cleanup = sim.cleanup(timeout=120)
     assert cleanup.rc == 0, cleanup.describe()
-    assert executor(config, "reap").returncode == 0
+    reaped = executor(config, "reap")
+    assert reaped.returncode == 0, reaped.stdout + reaped.stderr
     left = leftovers(settings, settled=True)
     RESULTS.append(f"kill prepare at {point.name:<32} present after kill: {present:<60} leftovers: {left or 'none'}")
-    assert left == {}
+    assert left == {}, why_left(settings, left, reaped)
 
 
 # --- a job whose cleanup never ran --------------------------------------------------------------

@@ -360,6 +360,7 @@ def agent_group(ctx: click.Context) -> None:
         return
     import time
 
+    from executor.admin.observe import families
     from executor.agent.main import serve
 
     obj: _Context = ctx.obj
@@ -367,6 +368,7 @@ def agent_group(ctx: click.Context) -> None:
         obj.settings,
         obj.config_file,
         say=lambda line: click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} agent: {line}"),
+        collect=lambda agent_status: families(obj.settings, agent_status),
     )
 
 
@@ -421,6 +423,46 @@ def pool_fill_cmd(obj: _Context) -> None:
     from executor.admin import pool
 
     click.echo(f"pool: {pool.fill(obj.settings)}")
+
+
+@cli.command("jobs")
+@click.option(
+    "--since",
+    default="1d",
+    show_default=True,
+    metavar="DURATION",
+    help="Jobs that started this long ago or later (90s, 30m, 2h, 7d).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output, with each stage.")
+@click.pass_obj
+def jobs_cmd(obj: _Context, since: str, as_json: bool) -> None:
+    """The recent jobs from the job history, newest first: where each one's time went."""
+    import dataclasses
+    import time
+
+    from executor.admin.observe import recent_jobs
+    from executor.core.history import format_table
+    from executor.core.reaping import parse_duration
+
+    try:
+        seconds = parse_duration(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    rows = recent_jobs(obj.settings, time.time() - seconds)
+    if as_json:
+        click.echo(json.dumps({"jobs": [dataclasses.asdict(r) for r in rows]}, indent=2, sort_keys=True))
+    else:
+        click.echo(format_table(rows))
+
+
+@cli.command("metrics")
+@click.pass_obj
+def metrics_cmd(obj: _Context) -> None:
+    """Print the Prometheus metrics the host agent serves (from this process: no agent needed)."""
+    from executor.adapters.prometheus import exposition
+    from executor.admin.observe import families
+
+    sys.stdout.buffer.write(exposition(lambda: families(obj.settings)))
 
 
 @cli.command("demo")

@@ -18,9 +18,13 @@ DEFAULT_SYSTEM_FAILURE_EXIT_CODE = 2
 class ExecutorError(Exception):
     """Base class of every error the executor raises on purpose."""
 
+    reason = "runner_system_failure"  # the job history's and the metrics' word for it (core.history)
+
 
 class ConfigError(ExecutorError):
     """The operator's configuration (or the host set-up) is wrong."""
+
+    reason = "config"
 
 
 class JobError(ExecutorError):
@@ -31,12 +35,31 @@ class SystemFailure(ExecutorError):
     """Infrastructure failed: libvirt, the VM, SSH, a timeout."""
 
 
+class TimedOut(SystemFailure):
+    """Something we waited for (boot, SSH, dockerd, a bounded call) took too long."""
+
+    reason = "timeout"
+
+
+class AdmissionRefused(SystemFailure):
+    """The host has no room for one more VM now (admission control); `resources` says which
+    ran short ("pool_disk", "memory")."""
+
+    reason = "admission"
+
+    def __init__(self, message: str, resources: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.resources = resources
+
+
 class ImageBuildError(SystemFailure):
     """Building the base image failed: a host tool exited non-zero, or the rootfs is unusable."""
 
 
 class Interrupted(SystemFailure):
     """SIGTERM (or SIGINT) arrived: gitlab-runner cancelled the job or timed out."""
+
+    reason = "interrupted"
 
     def __init__(self, signal_name: str = "SIGTERM") -> None:
         super().__init__(f"interrupted by {signal_name}")
@@ -46,6 +69,8 @@ class Interrupted(SystemFailure):
 class BuildFailure(ExecutorError):
     """The job's own script exited non-zero: the user's fault, with their exit status."""
 
+    reason = "script_failure"
+
     def __init__(self, exit_status: int) -> None:
         super().__init__(f"job script exited with status {exit_status}")
         self.exit_status = exit_status
@@ -54,6 +79,8 @@ class BuildFailure(ExecutorError):
 class JobRefused(BuildFailure):
     """The job asks for something that cannot run here (an image that is not allowed or cannot
     be pulled, an unusable service definition): the job's fault, as in GitLab's docker executor."""
+
+    reason = "image_refused"
 
     def __init__(self, reason: str) -> None:
         ExecutorError.__init__(self, reason)
@@ -85,6 +112,7 @@ def describe(exc: BaseException) -> str:
 
 
 __all__ = [
+    "AdmissionRefused",
     "BuildFailure",
     "ConfigError",
     "ExecutorError",
@@ -93,6 +121,7 @@ __all__ = [
     "JobError",
     "JobRefused",
     "SystemFailure",
+    "TimedOut",
     "describe",
     "exit_code_for",
 ]

@@ -13,6 +13,7 @@ from executor.core import naming, reaping
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred
 from executor.errors import ExecutorError
+from executor.jobvm import journal
 from executor.jobvm.teardown import teardown
 
 
@@ -104,3 +105,8 @@ def _reap_one(
             return
         done = ", ".join([*removed, "lock file removed"])
         result.actions.append(f"removed {_describe_target(current, now)}: {done}")
+    journal.count(settings, journal.REAPED_TOTAL, {"reason": current.reason})
+    record = current.domain.record if current.domain is not None else None
+    job_id = record.job_id if record is not None and record.job_id else naming.job_id_of(settings.vm.name_prefix, vm)
+    if job_id:
+        journal.job_ended(settings, job_id, None, cleaned_up=False)  # its cleanup never came

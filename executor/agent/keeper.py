@@ -22,7 +22,7 @@ from executor.core.baseimage import BaseImage
 from executor.core.domain_xml import POOL_BOOTING, POOL_CLAIMED, POOL_IDLE
 from executor.core.settings import Settings
 from executor.errors import ConfigError, ExecutorError, Interrupted
-from executor.jobvm import boot, pool
+from executor.jobvm import boot, journal, pool
 
 RUNNING_PROBE_S = 30.0  # how often a running idle VM's SSH is checked
 SILENT_PROBES = 2  # failed probes in a row before a running idle VM counts as dead
@@ -140,6 +140,7 @@ class Keeper:
             self._silent[vm.name] = self._silent.get(vm.name, 0) + 1
             if self._silent[vm.name] >= SILENT_PROBES:
                 silent.append((vm.name, f"it answered no SSH probe {SILENT_PROBES} times in a row"))
+                journal.count(self.settings, journal.UNRESPONSIVE_GUESTS_TOTAL)
                 del self._silent[vm.name]
         return silent
 

@@ -33,8 +33,14 @@ class Headroom:
             return None
         return self.memory_available - self.memory_committed - self.memory_margin
 
+    def short_of(self) -> tuple[str, ...]:
+        """What one more VM does not fit in: "pool_disk", "memory" (the metrics' labels)."""
+        memory_spare = self.memory_spare
+        short = ["pool_disk"] if self.pool_spare < self.vm_disk else []
+        return (*short, "memory") if memory_spare is not None and memory_spare < self.vm_memory else tuple(short)
+
     def problems(self) -> list[str]:
-        """Why one more VM does not fit; empty when it does."""
+        """Why one more VM does not fit (in the order of `short_of`); empty when it does."""
         found = []
         if self.pool_spare < self.vm_disk:
             found.append(

@@ -197,6 +197,20 @@ class PoolSettings:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    """The job history (`<state_dir>/history.sqlite3`): what `jobs` shows and the metrics count."""
+
+    keep_days: float = 30.0  # rows of jobs that ended longer ago are dropped
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics and /healthz, served by the host agent."""
+
+    listen: str = "127.0.0.1:9253"  # address:port; "" = not served (gitlab-runner's own is 9252)
+
+
+@dataclass(frozen=True)
 class Settings:
     libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -211,6 +225,8 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -236,6 +252,8 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitSettings,
     "admission": AdmissionSettings,
     "pool": PoolSettings,
+    "history": HistorySettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -338,11 +356,32 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_runner_and_cache(s, problems)
     _check_limits(s, problems)
     _check_pool(s.pool, problems)
+    _check_observability(s, problems)
     if math.isfinite(s.timeouts.unresponsive) and 0 < s.timeouts.unresponsive < MIN_UNRESPONSIVE_S:
         problems.append(
             f"timeouts.unresponsive: must be at least {MIN_UNRESPONSIVE_S:g} (the VM is probed every {LIVENESS_PROBE_S:g} s), "
             f"got {s.timeouts.unresponsive:g}"
         )
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """`[metrics] listen` ("127.0.0.1:9253", "[::1]:9253") as (host, port); ValueError if not one."""
+    host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{listen!r} is not address:port, like 127.0.0.1:9253")
+    ipaddress.ip_address(host)  # an address, not a name: it says exactly where we listen
+    return host, int(port)
+
+
+def _check_observability(s: Settings, problems: list[str]) -> None:
+    if not math.isfinite(s.history.keep_days) or not 1 <= s.history.keep_days <= 3650:
+        problems.append(f"history.keep_days: must be between 1 and 3650, got {s.history.keep_days:g}")
+    if s.metrics.listen:
+        try:
+            metrics_address(s.metrics.listen)
+        except ValueError as exc:
+            problems.append(f"metrics.listen: {exc}")
 
 
 def _check_limits(s: Settings, problems: list[str]) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from executor.errors import Interrupted, SystemFailure
+from executor.errors import Interrupted, TimedOut
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ def wait_until(
     """`poll`, but SystemFailure("timed out ... waiting for `what`") when time runs out."""
     result = poll(check, timeout, interval, max_interval, clock, sleep)
     if result is None:
-        raise SystemFailure(f"timed out after {timeout:.0f} s waiting for {what}")
+        raise TimedOut(f"timed out after {timeout:.0f} s waiting for {what}")
     return result
 
 
@@ -118,7 +118,7 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
     """
 
     def handler(_signum: int, _frame: object) -> None:
-        raise SystemFailure(f"{what} did not finish within {seconds:.0f} s")
+        raise TimedOut(f"{what} did not finish within {seconds:.0f} s")
 
     previous = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, seconds)

@@ -40,7 +40,7 @@ from executor.core.domain_xml import (
 from executor.core.seedspec import SeedSpec
 from executor.core.settings import Settings
 from executor.core.waiting import wait_until
-from executor.errors import ConfigError, SystemFailure
+from executor.errors import AdmissionRefused, ConfigError, SystemFailure
 from executor.jobvm import headroom, runnervolume
 from executor.jobvm.record import alive_and_answering, running_record, vm_alive
 
@@ -137,7 +137,7 @@ def admit(hv: Hypervisor, settings: Settings, image: BaseImage, vms: int = 1) ->
     room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image.virtual_bytes), vms)
     problems = room.problems()
     if problems:
-        raise SystemFailure("not starting a job VM on this host now: " + "; ".join(problems))
+        raise AdmissionRefused("not starting a job VM on this host now: " + "; ".join(problems), room.short_of())
 
 
 def vm_limits(settings: Settings) -> Limits:

@@ -38,7 +38,7 @@ from executor.core.domain_xml import (
 from executor.core.settings import Settings
 from executor.core.waiting import poll, signals_deferred
 from executor.errors import Interrupted, SystemFailure
-from executor.jobvm import boot
+from executor.jobvm import boot, journal
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.record import alive_and_answering
 from executor.jobvm.teardown import teardown
@@ -251,6 +251,7 @@ def claim(
                 if not isinstance(exc, SystemFailure) or isinstance(exc, Interrupted):
                     raise
                 out(f"the pool VM {vm} failed its check before handout ({exc}): removed, trying the next")
+                journal.count(settings, journal.POOL_CLAIMS_TOTAL, {"result": "dead"})
                 continue
             held.push(attempt.pop_all())
             return ready

@@ -21,6 +21,8 @@ class VMLost(SystemFailure):
     """The job's VM is dead or silent (or paused on a disk error): nothing more of its job can
     run, and the job's later stages need not try."""
 
+    reason = "vm_lost"
+
 
 def job_vm(settings: Settings, state: StateDir, job_id: int) -> str:
     """The VM of job `job_id`: the pool VM it claimed, else the one prepare boots for it."""

@@ -11,6 +11,7 @@ of ours, which `reap` removes ("stopped"), as it always did.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from executor.core import naming
 from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, time_limit
+from executor.jobvm import journal
 from executor.jobvm.record import job_vm
 from executor.jobvm.teardown import stop_for_good, teardown
 
@@ -35,7 +37,15 @@ REMOVE_COMMAND = "remove-job"
 
 def cleanup(settings: Settings, job: Job, config_file: str | None = None) -> None:
     """Destroy the job's VM; then remove the rest, in a detached remover started with
-    `config_file` (None: here, before returning)."""
+    `config_file` (None: here, before returning). Ends the job's row in the job history."""
+    started = time.monotonic()
+    try:
+        _cleanup(settings, job, config_file)
+    finally:
+        journal.job_ended(settings, job.job_id, time.monotonic() - started)
+
+
+def _cleanup(settings: Settings, job: Job, config_file: str | None) -> None:
     if config_file is None:
         remove(settings, job.job_id)
         return

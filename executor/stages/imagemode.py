@@ -102,9 +102,10 @@ def start(
     credentials: RegistryCredentials,
     lifetime_s: float,
     out: Callable[[str], None],
+    pulled: Callable[[], None] = lambda: None,
 ) -> None:
     """Pull, start the services (dind ones as `docker.dind` says) and wait for them, start the
-    build container."""
+    build container. `pulled` is called between the pulls and the rest."""
     _, warnings = images.service_aliases(plan.services)
     for warning in warnings:
         out(f"WARNING: {warning}")
@@ -115,6 +116,7 @@ def start(
     for index, service in enumerate(plan.services):
         if index not in skipped:
             _pull(settings, docker, service.name, service.pull_policies, credentials, out)
+    pulled()
     network = network_name(vm)
     docker.create_network(network, {LABEL: vm})
     hosts: dict[str, str] = {}

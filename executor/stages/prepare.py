@@ -25,7 +25,7 @@ from executor.core.jobenv import Job, RegistryCredentials
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit
 from executor.errors import ConfigError, Interrupted, JobRefused, SystemFailure
-from executor.jobvm import boot, pool
+from executor.jobvm import boot, journal, pool
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.boot import ReadyVM, Timings
 from executor.jobvm.teardown import teardown
@@ -48,7 +48,19 @@ def prepare(
     build container), and start the job's connection holder (`config_file` is what it loads;
     None: no holder, each stage connects by itself). On any failure, and on SIGTERM, remove the
     job's VM and raise (a system failure; JobRefused, a build failure, for an image the job may
-    not or cannot use)."""
+    not or cannot use). The attempt is recorded in the job history (jobvm.journal)."""
+    with journal.prepare_recorded(settings, job) as facts:
+        _prepare(settings, job, out, credentials, config_file, facts)
+
+
+def _prepare(
+    settings: Settings,
+    job: Job,
+    out: Callable[[str], None],
+    credentials: Callable[[], RegistryCredentials],
+    config_file: str | None,
+    facts: journal.PrepareFacts,
+) -> None:
     timings = Timings()
     runner_alive = _runner_watch()
     say = _prefixed(out)
@@ -80,6 +92,7 @@ def prepare(
                     ready = None
                     if size == normal:
                         ready = _claim(hv, settings, state, image, job, job_vm, runner_volume, held, say)
+                        facts.claim = "" if settings.pool.size <= 0 else ("miss" if ready is None else "hit")
                     elif settings.pool.size > 0:
                         say(
                             f"this job asks for {size.describe()}; the warm pool keeps {normal.describe()}: booting a VM of its size"
@@ -90,6 +103,8 @@ def prepare(
                             hv, settings, state, image, job, job_vm, policy, runner_volume, timings, runner_alive, say
                         )
                     vm = ready.vm
+                    facts.vm, facts.accel, facts.source = vm, ready.record.accel, ready.record.source
+                    facts.mode = "shell" if plan is None else ("dind" if plan.dind else "image")
                     with ready:
                         _give(hv, settings, job, plan, ready, policy, timings, credentials, say, runner_alive)
                         runner_alive()  # a VM handed to nobody would wait for reap
@@ -98,7 +113,8 @@ def prepare(
             except BaseException as exc:
                 _roll_back(settings, state, vm, job_vm, exc)
                 raise
-    say(_ready_line(ready, timings, plan is not None, size))
+    facts.phases = _phases(ready, timings, plan is not None)
+    say(_ready_line(ready, facts.phases, size))
 
 
 def _start_holder(settings: Settings, config_file: str, vm: str) -> None:
@@ -236,28 +252,32 @@ def _give(
             credentials(),
             _lifetime(settings, job),
             _checking(say, alive),
+            pulled=lambda: timings.mark("pulled"),
         )
         timings.mark("containers")
 
 
-def _ready_line(ready: ReadyVM, timings: Timings, image_mode: bool, size: jobsize.JobSize) -> str:
-    """The prepare line: where the VM came from and where the time went."""
-    end = "containers" if image_mode else "given"
+def _phases(ready: ReadyVM, timings: Timings, image_mode: bool) -> dict[str, float]:
+    """Where prepare's time went, in order: for the ready line and the job history."""
     if ready.record.source == "pool":
-        parts = [f"claim {timings.between(None, 'ready'):.1f}s", f"give {timings.between('ready', 'given'):.1f}s"]
+        phases = {"claim": timings.between(None, "ready"), "give": timings.between("ready", "given")}
     else:
-        parts = [
-            f"clone {timings.between(None, 'cloned'):.1f}s",
-            f"boot-to-ssh {timings.between('started', 'ssh'):.1f}s",
-            f"ssh-to-docker {timings.between('ssh', 'docker'):.1f}s",
-        ]
+        phases = {
+            "clone": timings.between(None, "cloned"),
+            "boot_to_ssh": timings.between("started", "ssh"),
+            "ssh_to_docker": timings.between("ssh", "docker"),
+        }
     if image_mode:
-        parts.append(f"containers {timings.between('given', 'containers'):.1f}s")
-    parts.append(f"total {timings.between(None, end):.1f}s")
-    return (
-        f"{ready.vm} ready at {ready.ip} ({ready.record.source}, {ready.record.accel}; {size.describe()}): "
-        + ", ".join(parts)
-    )
+        phases["pulls"] = timings.between("given", "pulled")
+        phases["services"] = timings.between("pulled", "containers")
+    phases["total"] = timings.between(None, "containers" if image_mode else "given")
+    return phases
+
+
+def _ready_line(ready: ReadyVM, phases: dict[str, float], size: jobsize.JobSize) -> str:
+    """The prepare line: where the VM came from and where the time went."""
+    parts = ", ".join(f"{name.replace('_', '-')} {seconds:.1f}s" for name, seconds in phases.items())
+    return f"{ready.vm} ready at {ready.ip} ({ready.record.source}, {ready.record.accel}; {size.describe()}): {parts}"
 
 
 def _runner_watch() -> Callable[[], bool]:

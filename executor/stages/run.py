@@ -28,7 +28,8 @@ from executor.adapters.statedir import StateDir
 from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.errors import BuildFailure, Interrupted, SystemFailure
-from executor.jobvm.record import job_vm
+from executor.jobvm import journal
+from executor.jobvm.record import VMLost, job_vm
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,13 @@ def run(
     stdout: BinaryIO | None = None,
     stderr: BinaryIO | None = None,
 ) -> None:
-    """Run the stage script in the job's VM. BuildFailure(status) if it exits non-zero."""
-    stdout = stdout or sys.stdout.buffer
-    stderr = stderr or sys.stderr.buffer
+    """Run the stage script in the job's VM. BuildFailure(status) if it exits non-zero. The
+    stage is recorded in the job history."""
+    with journal.stage_recorded(settings, job, stage):
+        _run(settings, job, script_path, stage, stdout or sys.stdout.buffer, stderr or sys.stderr.buffer)
+
+
+def _run(settings: Settings, job: Job, script_path: str, stage: str, stdout: BinaryIO, stderr: BinaryIO) -> None:
     try:
         script = Path(script_path).read_bytes()
     except OSError as exc:
@@ -64,13 +69,18 @@ def run(
     vm = job_vm(settings, state, job.job_id)
     _refuse_if_lost(state, vm)
     try:
-        status = through_holder(state.holder_file(vm, "sock"), job.job_id, stage, script, stdout, stderr)
-    except NotServed as exc:
-        log.debug("the job's connection holder did not take the %s stage (%s): connecting directly", stage, exc)
-        _refuse_if_lost(state, vm)  # the holder may have found the VM dead meanwhile
-        from executor.stages import stage_exec
+        try:
+            status = through_holder(state.holder_file(vm, "sock"), job.job_id, stage, script, stdout, stderr)
+        except NotServed as exc:
+            log.debug("the job's connection holder did not take the %s stage (%s): connecting directly", stage, exc)
+            _refuse_if_lost(state, vm)  # the holder may have found the VM dead meanwhile
+            from executor.stages import stage_exec
 
-        status = stage_exec.run_direct(settings, job, state, vm, stage, script, stdout, stderr)
+            status = stage_exec.run_direct(settings, job, state, vm, stage, script, stdout, stderr)
+    except SystemFailure as exc:
+        if not isinstance(exc, (VMLost, Interrupted)) and state.lost_reason(vm) is not None:
+            raise VMLost(str(exc)) from None  # the holder found it: the history says which failure
+        raise
     outcome = script_outcome(status)
     if outcome is not None:
         raise outcome
@@ -79,7 +89,7 @@ def run(
 def _refuse_if_lost(state: StateDir, vm: str) -> None:
     reason = state.lost_reason(vm)
     if reason is not None:
-        raise SystemFailure(f"{reason} (found by an earlier stage of this job: not trying again)")
+        raise VMLost(f"{reason} (found by an earlier stage of this job: not trying again)")
 
 
 def script_outcome(status: int | None) -> BuildFailure | None:

@@ -1,0 +1,329 @@
+"""The job history: one SQLite file (`<state_dir>/history.sqlite3`, WAL) that the stage processes
+write themselves and `jobs` and the agent's metrics read.
+
+Many processes write at once (each stage of each job is its own process): WAL lets readers go on
+while one writes, every write is one short `BEGIN IMMEDIATE` transaction (no lock upgrade that
+could deadlock), and a writer waits for another up to BUSY_TIMEOUT_S. The counters and
+histograms the metrics export live here too, so they survive an agent restart and the pruning
+of old rows. Writing the history never fails a job: callers log OSError/sqlite3.Error and go on.
+Nothing secret is written: names, times, outcomes and our own error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from executor.core.history import JobRow, StageRow, detail, job_outcome
+
+FILE_NAME = "history.sqlite3"
+BUSY_TIMEOUT_S = 10.0
+HistoryError = sqlite3.Error  # what callers catch (with OSError) to go on without the history
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY,
+    project TEXT NOT NULL DEFAULT '',
+    project_id INTEGER,
+    vm TEXT NOT NULL DEFAULT '',
+    accel TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '',
+    mode TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 1,
+    started REAL NOT NULL,
+    prepare_seconds REAL,
+    phases TEXT NOT NULL DEFAULT '{}',
+    prepare_outcome TEXT NOT NULL DEFAULT '',
+    prepare_reason TEXT NOT NULL DEFAULT '',
+    cleanup_seconds REAL,
+    ended REAL,
+    outcome TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started);
+CREATE TABLE IF NOT EXISTS stages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    started REAL NOT NULL,
+    seconds REAL,
+    outcome TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    exit_status INTEGER
+);
+CREATE INDEX IF NOT EXISTS stages_job ON stages (job_id);
+CREATE TABLE IF NOT EXISTS counters (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (metric, labels)
+);
+CREATE TABLE IF NOT EXISTS histograms (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    buckets TEXT NOT NULL,
+    bucket_counts TEXT NOT NULL,
+    sum REAL NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (metric, labels)
+);
+"""
+
+
+_READY: set[Path] = set()  # history files this process has made sure of (WAL, tables)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One more for a counter (`buckets` None: `value` is added), or one observation of a
+    histogram with those upper bounds (+Inf implied)."""
+
+    metric: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    value: float = 1.0
+    buckets: Sequence[float] | None = None
+
+
+def _in_transaction(db: sqlite3.Connection, work: Callable[[], object]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work()
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _labels_key(labels: Mapping[str, str]) -> str:
+    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"))
+
+
+class JobHistory:
+    """The history file of a state dir. Each call opens its own connection: the stage
+    processes are short, and a connection is cheap next to a process start."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / FILE_NAME
+
+    @contextlib.contextmanager
+    def _db(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """A connection; with `write`, inside one BEGIN IMMEDIATE transaction (committed at the
+        end, rolled back on an exception)."""
+        if self.path not in _READY:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            if self.path not in _READY:
+                db.execute("PRAGMA journal_mode=WAL")  # persistent: set once per file
+                _in_transaction(db, lambda: [db.execute(s) for s in _SCHEMA.split(";") if s.strip()])
+                _READY.add(self.path)
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last rows
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            else:
+                yield db
+        finally:
+            db.close()
+
+    # --- what the stages write ---------------------------------------------------------------
+
+    def prepare_started(self, job_id: int, project: str, project_id: int | None, now: float) -> None:
+        """A prepare attempt began (gitlab-runner retries a failed prepare with the same job)."""
+        with self._db(write=True) as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, project, project_id, started) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (job_id) DO UPDATE SET attempts = attempts + 1, started = excluded.started, "
+                "prepare_outcome = '', prepare_reason = '', prepare_seconds = NULL, ended = NULL, "
+                "outcome = '', reason = '', detail = ''",
+                (job_id, project, project_id, now),
+            )
+
+    def prepare_ended(
+        self,
+        job_id: int,
+        seconds: float,
+        outcome: str,
+        reason: str = "",
+        error: str = "",
+        *,
+        vm: str = "",
+        accel: str = "",
+        source: str = "",
+        mode: str = "",
+        phases: Mapping[str, float] | None = None,
+        observations: Sequence[Observation] = (),
+    ) -> None:
+        with self._db(write=True) as db:
+            _record(db, observations)
+            db.execute(
+                "UPDATE jobs SET prepare_seconds = ?, prepare_outcome = ?, prepare_reason = ?, detail = ?, "
+                "vm = ?, accel = ?, source = ?, mode = ?, phases = ? WHERE job_id = ?",
+                (seconds, outcome, reason, detail(error), vm, accel, source, mode, json.dumps(phases or {}), job_id),
+            )
+
+    def stage_started(self, job_id: int, stage: str, now: float) -> int:
+        """The row of a stage that began; its id for `stage_ended`."""
+        with self._db(write=True) as db:
+            cursor = db.execute("INSERT INTO stages (job_id, stage, started) VALUES (?, ?, ?)", (job_id, stage, now))
+            return int(cursor.lastrowid or 0)
+
+    def stage_ended(
+        self,
+        row_id: int,
+        seconds: float,
+        outcome: str,
+        reason: str = "",
+        exit_status: int | None = None,
+        observations: Sequence[Observation] = (),
+    ) -> None:
+        with self._db(write=True) as db:
+            _record(db, observations)
+            db.execute(
+                "UPDATE stages SET seconds = ?, outcome = ?, reason = ?, exit_status = ? WHERE id = ?",
+                (seconds, outcome, reason, exit_status, row_id),
+            )
+
+    def job_ended(
+        self,
+        job_id: int,
+        now: float,
+        cleanup_seconds: float | None,
+        cleaned_up: bool = True,
+        observations: Sequence[Observation] = (),
+    ) -> tuple[str, str] | None:
+        """End the job's row (at cleanup; or at reap, `cleaned_up=False`, for a job whose
+        cleanup never came): its outcome from its prepare and stages, counted once in
+        `jobs_total`. The (outcome, reason) written; None if there is no row or it has ended."""
+        with self._db(write=True) as db:
+            found = db.execute(
+                "SELECT prepare_outcome, prepare_reason, ended FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if found is None or found[2] is not None:
+                return None
+            outcome, reason = job_outcome(found[0], found[1], _stage_rows(db, job_id), cleaned_up)
+            db.execute(
+                "UPDATE jobs SET ended = ?, cleanup_seconds = ?, outcome = ?, reason = ? WHERE job_id = ?",
+                (now, cleanup_seconds, outcome, reason, job_id),
+            )
+            _record(db, [*observations, Observation("jobs_total", {"outcome": outcome, "reason": reason})])
+            return outcome, reason
+
+    def open_jobs(self) -> list[int]:
+        """Jobs whose row has no end yet."""
+        with self._db(write=False) as db:
+            return [int(r[0]) for r in db.execute("SELECT job_id FROM jobs WHERE ended IS NULL")]
+
+    def record(self, observations: Sequence[Observation]) -> None:
+        """Counters and histogram observations that belong to no job's row."""
+        with self._db(write=True) as db:
+            _record(db, observations)
+
+    def prune(self, now: float, keep_days: float) -> int:
+        """Drop jobs (and their stages) that ended more than `keep_days` ago, and rows nobody
+        ended that started that long ago; how many jobs went."""
+        cutoff = now - keep_days * 86400
+        with self._db(write=True) as db:
+            old = "SELECT job_id FROM jobs WHERE COALESCE(ended, started) < ?"
+            db.execute(f"DELETE FROM stages WHERE job_id IN ({old})", (cutoff,))
+            return db.execute("DELETE FROM jobs WHERE COALESCE(ended, started) < ?", (cutoff,)).rowcount
+
+    # --- what `jobs` and the metrics read ------------------------------------------------------
+
+    def jobs(self, since: float = 0.0, limit: int = 1000) -> list[JobRow]:
+        """Jobs started at or after `since`, newest first."""
+        with self._db(write=False) as db:
+            rows = db.execute(
+                "SELECT job_id, project, project_id, vm, accel, source, mode, started, prepare_seconds, "
+                "phases, prepare_outcome, cleanup_seconds, ended, outcome, reason, detail "
+                "FROM jobs WHERE started >= ? ORDER BY started DESC LIMIT ?",
+                (since, limit),
+            ).fetchall()
+            return [
+                JobRow(
+                    job_id=r[0],
+                    project=r[1],
+                    project_id=r[2],
+                    vm=r[3],
+                    accel=r[4],
+                    source=r[5],
+                    mode=r[6],
+                    started=r[7],
+                    prepare_seconds=r[8],
+                    phases=json.loads(r[9]),
+                    prepare_outcome=r[10],
+                    cleanup_seconds=r[11],
+                    ended=r[12],
+                    outcome=r[13],
+                    reason=r[14],
+                    detail=r[15],
+                    stages=_stage_rows(db, r[0]),
+                )
+                for r in rows
+            ]
+
+    def counters(self) -> list[tuple[str, dict[str, str], float]]:
+        with self._db(write=False) as db:
+            return [(m, json.loads(labels), v) for m, labels, v in db.execute("SELECT * FROM counters ORDER BY 1, 2")]
+
+    def histograms(self) -> list[tuple[str, dict[str, str], list[tuple[float, int]], float, int]]:
+        """(metric, labels, [(upper bound, cumulative count)], sum, count) of each histogram."""
+        with self._db(write=False) as db:
+            return [
+                (m, json.loads(labels), list(zip(json.loads(bounds), json.loads(counts), strict=True)), total, n)
+                for m, labels, bounds, counts, total, n in db.execute("SELECT * FROM histograms ORDER BY 1, 2")
+            ]
+
+
+def _record(db: sqlite3.Connection, observations: Sequence[Observation]) -> None:
+    for o in observations:
+        key = _labels_key(o.labels)
+        if o.buckets is None:
+            db.execute(
+                "INSERT INTO counters VALUES (?, ?, ?) "
+                "ON CONFLICT (metric, labels) DO UPDATE SET value = value + excluded.value",
+                (o.metric, key, o.value),
+            )
+            continue
+        found = db.execute(
+            "SELECT buckets, bucket_counts, sum, count FROM histograms WHERE metric = ? AND labels = ?", (o.metric, key)
+        ).fetchone()
+        bounds = list(o.buckets)
+        counts = json.loads(found[1]) if found and json.loads(found[0]) == bounds else [0] * len(bounds)
+        for i, bound in enumerate(bounds):
+            if o.value <= bound:
+                counts[i] += 1
+        db.execute(
+            "INSERT OR REPLACE INTO histograms VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                o.metric,
+                key,
+                json.dumps(bounds),
+                json.dumps(counts),
+                (found[2] if found else 0.0) + o.value,
+                (found[3] if found else 0) + 1,
+            ),
+        )
+
+
+def _stage_rows(db: sqlite3.Connection, job_id: int) -> list[StageRow]:
+    return [
+        StageRow(stage=r[0], started=r[1], seconds=r[2], outcome=r[3], reason=r[4], exit_status=r[5])
+        for r in db.execute(
+            "SELECT stage, started, seconds, outcome, reason, exit_status FROM stages WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+    ]

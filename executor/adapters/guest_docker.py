@@ -48,9 +48,11 @@ class TLSFiles:
 
 @dataclass
 class PullProgress:
-    """What a pull has done so far, summed over its layers."""
+    """What a pull has done so far, summed over its layers: downloaded, then unpacked (dockerd
+    reports both per layer; unpacking a big layer under TCG takes as long as downloading it)."""
 
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (done, total) bytes
+    unpacked: dict[str, int] = field(default_factory=dict)  # id -> bytes of it unpacked so far
     finished: set[str] = field(default_factory=set)
 
     def update(self, event: Mapping[str, Any]) -> None:
@@ -61,18 +63,26 @@ class PullProgress:
         detail = event.get("progressDetail")
         detail = detail if isinstance(detail, dict) else {}
         done, total = self.layers.get(layer, (0, 0))
-        if status == "Downloading" and isinstance(detail.get("current"), int):
-            done, total = detail["current"], int(detail.get("total") or total)
+        current = detail.get("current")
+        if status == "Downloading" and isinstance(current, int):
+            done, total = current, int(detail.get("total") or total)
+        if status == "Extracting" and isinstance(current, int):
+            done = max(done, total)  # unpacking starts once the layer is downloaded
+            self.unpacked[layer] = current
         if status in ("Pull complete", "Already exists", "Download complete"):
             done = max(done, total)
             if status != "Download complete":
                 self.finished.add(layer)
+                self.unpacked[layer] = total
         self.layers[layer] = (done, total)
 
     def line(self) -> str:
         done = sum(d for d, _ in self.layers.values())
         total = sum(t for _, t in self.layers.values())
-        return f"{len(self.finished)}/{len(self.layers)} layers, {done / 1e6:.1f}/{total / 1e6:.1f} MB"
+        text = f"{len(self.finished)}/{len(self.layers)} layers, {done / 1e6:.1f}/{total / 1e6:.1f} MB downloaded"
+        if any(layer not in self.finished for layer in self.unpacked):
+            text += f", unpacking: {sum(self.unpacked.values()) / 1e6:.1f}/{total / 1e6:.1f} MB unpacked"
+        return text
 
 
 @dataclass(frozen=True)

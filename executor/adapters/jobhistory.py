@@ -115,7 +115,8 @@ class JobHistory:
     def _db(self, write: bool) -> Iterator[sqlite3.Connection]:
         """A connection; with `write`, inside one BEGIN IMMEDIATE transaction (committed at the
         end, rolled back on an exception)."""
-        if self.path not in _READY:
+        if self.path not in _READY or not self.path.exists():  # new, or removed by hand meanwhile
+            _READY.discard(self.path)
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

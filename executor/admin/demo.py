@@ -110,6 +110,7 @@ def _run_demo_job(
         workdir,
         job_id,
         variables={"CI_PROJECT_DIR": "/builds/demo/project", "CI_BUILDS_DIR": "/builds"},
+        merged_output=True,  # the lines in the order they came, as in a job log
     )
     started = time.monotonic()
     results: list[StageResult] = []

@@ -25,6 +25,7 @@ from executor.core.domain_xml import POOL_BOOTING, POOL_IDLE
 from executor.core.history import JobRow
 from executor.core.metrics import COUNTER, GAUGE, HISTOGRAM, INFO, Buckets, Family
 from executor.core.settings import GIB, Settings
+from executor.errors import ConfigError
 from executor.jobvm import headroom, journal
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,13 @@ def _from_history(settings: Settings) -> list[Family]:
 
 def _vms(settings: Settings) -> list[Family]:
     now = time.time()
+    try:
+        image_bytes = load_base_image(settings.image.dir).virtual_bytes
+    except ConfigError:  # no image yet: the configured disk size alone ("image" says what is wrong)
+        image_bytes = 0
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
         inv = inventory(settings, hv)
-        image = load_base_image(settings.image.dir)
-        room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image.virtual_bytes))
+        room = headroom.measure(hv, settings, headroom.vm_disk_bytes(settings, image_bytes))
     states = {"idle": 0, "booting": 0, "job": 0, "removing": 0}
     for domain in reaping.our_domains(inv):
         record = domain.record

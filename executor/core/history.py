@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from executor.core.reaping import format_duration
 from executor.core.text import printable
 from executor.errors import BuildFailure, Interrupted
 
@@ -184,7 +185,9 @@ def format_table(rows: Sequence[JobRow], now: float | None = None) -> str:
     table = [header]
     for r in rows:
         ago = now - r.started
-        started = f"{_seconds(ago)} ago" if ago < 3600 else time.strftime("%m-%d %H:%M", time.localtime(r.started))
+        started = (
+            f"{format_duration(ago)} ago" if ago < 86400 else time.strftime("%m-%d %H:%M", time.localtime(r.started))
+        )
         outcome = r.outcome or ("running" if r.prepare_outcome == SUCCESS else "preparing")
         if r.reason:
             outcome += f" ({r.reason})"

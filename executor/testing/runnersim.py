@@ -87,8 +87,12 @@ class RunnerSim:
         executable: list[str] | None = None,
         payload_extra: dict[str, object] | None = None,
         secret_variables: dict[str, str] | None = None,
+        merged_output: bool = False,
     ) -> None:
+        """`merged_output`: a stage's stderr goes into its stdout as it comes, the order the
+        job log has in gitlab-runner (which reads both into it); `stderr` stays empty."""
         self.config_path = str(config_path)
+        self.merged_output = merged_output
         self.tmp = Path(workdir)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.job_id = job_id
@@ -149,7 +153,7 @@ class RunnerSim:
             env=self.env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT if self.merged_output else subprocess.PIPE,
             start_new_session=True,  # gitlab-runner: Setpgid per executable
         )
 
@@ -164,7 +168,7 @@ class RunnerSim:
             tuple(str(a) for a in proc.args) if isinstance(proc.args, list) else (str(proc.args),),
             proc.returncode,
             out.decode("utf-8", "replace"),
-            err.decode("utf-8", "replace"),
+            (err or b"").decode("utf-8", "replace"),
             time.monotonic() - started,
             code,
         )

@@ -40,4 +40,34 @@ def test_pull_progress_sums_layers_and_counts_finished_ones():
         {"status": "Digest: sha256:abc"},
     ):
         progress.update(event)
-    assert progress.line() == "2/3 layers, 3.0/6.0 MB"
+    assert progress.line() == "2/3 layers, 3.0/6.0 MB downloaded"
+
+
+def test_pull_progress_says_when_layers_are_being_unpacked_and_how_far():
+    """A big image's layers download in seconds and unpack for a minute under TCG: the line
+    must keep moving then, not repeat the finished download."""
+    progress = PullProgress()
+    lines = []
+    for event in (
+        {"status": "Pulling fs layer", "id": "aaaaaaaaaaaa"},
+        {"status": "Pulling fs layer", "id": "bbbbbbbbbbbb"},
+        {"status": "Downloading", "id": "aaaaaaaaaaaa", "progressDetail": {"current": 80_000_000, "total": 80_000_000}},
+        {"status": "Download complete", "id": "aaaaaaaaaaaa"},
+        {"status": "Downloading", "id": "bbbbbbbbbbbb", "progressDetail": {"current": 4_000_000, "total": 4_000_000}},
+        {"status": "Download complete", "id": "bbbbbbbbbbbb"},
+        {"status": "Extracting", "id": "aaaaaaaaaaaa", "progressDetail": {"current": 20_000_000, "total": 80_000_000}},
+        {"status": "Extracting", "id": "aaaaaaaaaaaa", "progressDetail": {"current": 60_000_000, "total": 80_000_000}},
+        {"status": "Pull complete", "id": "aaaaaaaaaaaa"},
+        {"status": "Extracting", "id": "bbbbbbbbbbbb", "progressDetail": {"current": 1_000_000, "total": 4_000_000}},
+        {"status": "Pull complete", "id": "bbbbbbbbbbbb"},
+    ):
+        progress.update(event)
+        lines.append(progress.line())
+    assert lines[5] == "0/2 layers, 84.0/84.0 MB downloaded"
+    assert lines[6:10] == [
+        "0/2 layers, 84.0/84.0 MB downloaded, unpacking: 20.0/84.0 MB unpacked",
+        "0/2 layers, 84.0/84.0 MB downloaded, unpacking: 60.0/84.0 MB unpacked",
+        "1/2 layers, 84.0/84.0 MB downloaded",
+        "1/2 layers, 84.0/84.0 MB downloaded, unpacking: 81.0/84.0 MB unpacked",
+    ]
+    assert lines[-1] == "2/2 layers, 84.0/84.0 MB downloaded"

@@ -138,6 +138,10 @@ def test_network_and_gateway_come_from_the_subnet():
         ('[pool]\nidle = "stopped"', "pool.idle", "must be 'paused' or 'running'"),
         ("[pool]\nmax_idle = 10", "pool.max_idle", "between 60 and 604800 seconds"),
         ('[pool]\nprepull = ["Not An Image"]', "pool.prepull", "invalid image name"),
+        ("[history]\nkeep_days = 0", "history.keep_days", "between 1 and 3650"),
+        ('[metrics]\nlisten = "9253"', "metrics.listen", "is not address:port, like 127.0.0.1:9253"),
+        ('[metrics]\nlisten = "localhost:9253"', "metrics.listen", "does not appear to be an IPv4 or IPv6 address"),
+        ('[metrics]\nlisten = "127.0.0.1:99999"', "metrics.listen", "is not address:port"),
         # structure
         ("[libvirtt]\nuri = 'x'", "libvirtt", "unknown section"),
         ("[vm]\nvcpu = 2", "vm.vcpu", "unknown key"),
@@ -218,3 +222,11 @@ def test_settings_written_as_toml_read_back_the_same():
     settings = parse_settings(text)
     assert parse_settings(settings_toml(settings)) == settings
     assert parse_settings(settings_toml(Settings())) == Settings()
+
+
+def test_the_metrics_address_takes_ipv4_and_bracketed_ipv6():
+    from executor.core.settings import metrics_address
+
+    assert metrics_address("127.0.0.1:9253") == ("127.0.0.1", 9253)
+    assert metrics_address("[::1]:9253") == ("::1", 9253)
+    assert parse_settings('[metrics]\nlisten = ""').metrics.listen == ""  # off

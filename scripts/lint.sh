@@ -10,3 +10,7 @@ echo "==> ruff format --check"
 .venv/bin/ruff format --check .
 echo "==> mypy"
 .venv/bin/mypy
+echo "==> promtool: the alert rules, their tests, and our metrics' exposition"
+promtool check rules docs/prometheus-alerts.yml
+promtool test rules tests/data/prometheus-alerts-test.yml
+.venv/bin/libvirt-executor metrics | promtool check metrics

@@ -37,6 +37,9 @@ packages=(
   docker-registry skopeo busybox-static apache2-utils
   # the proxy forwarder for corporate networks ([network] proxy), run by the host agent
   squid
+  # promtool (CI checks the metrics, the alert rules and their tests) and the Prometheus server
+  # the metrics vm test scrapes with; the package's own service is not wanted (see below)
+  prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -48,6 +51,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   say "Debian packages already installed"
+fi
+# Debian's prometheus package enables a server on every address (:9090) scraping nothing of ours;
+# we need its promtool. Switch the service off if we just installed it (an operator's own stays).
+if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ]; then
+    /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
 fi
 
 # libvirt daemons: the service manager where there is one, by hand where there is none.

@@ -1,5 +1,5 @@
-"""The job history: one SQLite file (`<state_dir>/history.sqlite3`, WAL) that the stage processes
-write themselves and `jobs` and the agent's metrics read.
+"""The job history: one SQLite file (WAL; jobvm.journal names it, one per executor instance)
+that the stage processes write themselves and `jobs` and the agent's metrics read.
 
 Many processes write at once (each stage of each job is its own process): WAL lets readers go on
 while one writes, every write is one short `BEGIN IMMEDIATE` transaction (no lock upgrade that
@@ -21,7 +21,6 @@ from pathlib import Path
 
 from executor.core.history import JobRow, StageRow, detail, job_outcome
 
-FILE_NAME = "history.sqlite3"
 BUSY_TIMEOUT_S = 10.0
 HistoryError = sqlite3.Error  # what callers catch (with OSError) to go on without the history
 
@@ -105,11 +104,12 @@ def _labels_key(labels: Mapping[str, str]) -> str:
 
 
 class JobHistory:
-    """The history file of a state dir. Each call opens its own connection: the stage
-    processes are short, and a connection is cheap next to a process start."""
+    """The history in the file `path` (made 0600, its directory 0700, at the first write).
+    Each call opens its own connection: the stage processes are short, and a connection is
+    cheap next to a process start."""
 
-    def __init__(self, state_dir: str | Path) -> None:
-        self.path = Path(state_dir) / FILE_NAME
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
 
     @contextlib.contextmanager
     def _db(self, write: bool) -> Iterator[sqlite3.Connection]:
@@ -208,12 +208,16 @@ class JobHistory:
     ) -> tuple[str, str] | None:
         """End the job's row (at cleanup; or at reap, `cleaned_up=False`, for a job whose
         cleanup never came): its outcome from its prepare and stages, counted once in
-        `jobs_total`. The (outcome, reason) written; None if there is no row or it has ended."""
+        `jobs_total`; a job without a row gets one. The (outcome, reason) written; None if it
+        had ended before."""
         with self._db(write=True) as db:
             found = db.execute(
                 "SELECT prepare_outcome, prepare_reason, ended FROM jobs WHERE job_id = ?", (job_id,)
             ).fetchone()
-            if found is None or found[2] is not None:
+            if found is None:  # its prepare was killed before it wrote a word: the row says so
+                db.execute("INSERT INTO jobs (job_id, started) VALUES (?, ?)", (job_id, now))
+                found = ("", "", None)
+            if found[2] is not None:
                 return None
             outcome, reason = job_outcome(found[0], found[1], _stage_rows(db, job_id), cleaned_up)
             db.execute(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -115,3 +117,15 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def ask_health(host: str, port: int, timeout: float = 3.0) -> tuple[int | None, str]:
+    """What /healthz at host:port says: (HTTP status, body), or (None, why nobody answered)."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with urllib.request.urlopen(f"http://{address}{HEALTH_PATH}", timeout=timeout) as resp:
+            return resp.status, resp.read(4096).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(4096).decode("utf-8", "replace")
+    except OSError as exc:
+        return None, str(getattr(exc, "reason", exc))

@@ -14,13 +14,15 @@ from executor.adapters import forwarder, hostinfo, registry_daemon
 from executor.adapters.cachestore import CacheStore
 from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
 from executor.adapters.hypervisor import Hypervisor, connect
+from executor.adapters.prometheus import ask_health
 from executor.admin import mirror as mirror_admin
 from executor.admin import pool as pool_admin
 from executor.core import accel, mirror, naming, proxy
 from executor.core.jobenv import Job
 from executor.core.jsonvalues import object_at
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
-from executor.core.settings import GIB, Settings
+from executor.core.settings import GIB, Settings, metrics_address
+from executor.core.text import printable
 from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
 from executor.jobvm import headroom, runnervolume
 from executor.jobvm.accel import choose_accel
@@ -259,6 +261,8 @@ def doctor(config_file: str, *, boot: bool = False, out: Callable[[Check], None]
         add(_check_proxy(settings))
     if settings.pool.size > 0 and libvirt_ok:
         add(_check_pool_agent(settings))
+    if settings.metrics.listen:
+        add(_check_metrics(settings))
     if boot:
         if not libvirt_ok or not image.ok or any(c.ok is False for c in checks):
             add(Check("boot", None, "a probe VM needs every check above to pass"))
@@ -298,6 +302,28 @@ def _check_pool_agent(settings: Settings) -> Check:
             "warm pool", True, detail + f"; last error: {report['last_error']}", "see the agent's log", warning=True
         )
     return Check("warm pool", True, detail)
+
+
+def _check_metrics(settings: Settings) -> Check:
+    """The agent's /metrics and /healthz answer on [metrics] listen."""
+    listen = settings.metrics.listen
+    status, said = ask_health(*metrics_address(listen))
+    if status is None:
+        return Check(
+            "metrics",
+            True,
+            f"nothing answers on {listen} ({said}): no metrics for Prometheus",
+            "libvirt-executor agent start (its log says if the address is taken)",
+            warning=True,
+        )
+    if status != 200:
+        return Check(
+            "metrics",
+            False,
+            f"the agent on {listen} says it is unhealthy: {printable(said.strip())[:300]}",
+            "see the agent's log",
+        )
+    return Check("metrics", True, f"the agent serves http://{listen}/metrics, healthy")
 
 
 def _check_runner_binary(settings: Settings) -> Check:

@@ -177,17 +177,16 @@ def _mirror(settings: Settings) -> list[Family]:
     ]
     expvars = registry_daemon.debug_vars(f"{mirror.DEBUG_ADDRESS}:{settings.mirror.port}") if up else None
     stats = mirror.proxy_stats(expvars) if expvars else None
+    requests = Family(
+        "mirror_requests_total",
+        COUNTER,
+        "The mirror's answers since it started, from its cache (hit) or its upstream (miss).",
+        ("kind", "result"),
+    )
     if stats is not None:
-        requests = Family(
-            "mirror_requests_total",
-            COUNTER,
-            "The mirror's answers since it started, from its cache (hit) or its upstream (miss).",
-            ("kind", "result"),
-        )
         for kind, counts in (("blob", stats.blobs), ("manifest", stats.manifests)):
             requests.add(counts.hits, kind=kind, result="hit").add(counts.misses, kind=kind, result="miss")
-        found.append(requests)
-    return found
+    return [*found, requests]
 
 
 def _image(settings: Settings) -> list[Family]:

@@ -164,11 +164,14 @@ def _first_failure(prepare_outcome: str, prepare_reason: str, stages: Sequence[S
 def _seconds(value: float | None) -> str:
     if value is None:
         return "-"
+    if value < 1:
+        return f"{value:.2f}s"
     return f"{value:.1f}s" if value < 600 else f"{value / 60:.0f}m"
 
 
 def _phase_text(row: JobRow) -> str:
-    return " ".join(f"{name} {_seconds(value)}" for name, value in (row.phases or {}).items())
+    # Named as in the job log's "ready" line.
+    return " ".join(f"{name.replace('_', '-')} {_seconds(value)}" for name, value in (row.phases or {}).items())
 
 
 def _stages_text(row: JobRow) -> str:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from executor.adapters.jobhistory import HistoryError, JobHistory, Observation
@@ -35,7 +36,9 @@ REAPED_TOTAL = "reaped_total"
 
 
 def job_history(settings: Settings) -> JobHistory:
-    return JobHistory(settings.paths.state_dir)
+    """This executor instance's history: `<state_dir>/history-<name_prefix>.sqlite3` (instances
+    on one host share the state dir, for the IP reservations, but not their jobs)."""
+    return JobHistory(Path(settings.paths.state_dir) / f"history-{settings.vm.name_prefix}.sqlite3")
 
 
 def quietly(what: str, write: Callable[[], T]) -> T | None:
@@ -60,28 +63,35 @@ class PrepareFacts:
 
 
 @contextmanager
+def _timed(ended: Callable[[float, BaseException | None], None]) -> Iterator[None]:
+    """Run the block; then `ended(seconds, the exception it raised or None)`, and re-raise."""
+    started = time.monotonic()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        ended(time.monotonic() - started, error)
+
+
+@contextmanager
 def prepare_recorded(settings: Settings, job: Job) -> Iterator[PrepareFacts]:
     """Record one prepare attempt: its row when it starts (so a killed prepare still has one,
     which cleanup or reap ends), its outcome, phases and counters when it ends."""
     h = job_history(settings)
     facts = PrepareFacts()
     quietly("prepare started", lambda: h.prepare_started(job.job_id, job.project, job.project_id, time.time()))
-    started = time.monotonic()
-    error: BaseException | None = None
-    try:
-        yield facts
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        seconds = time.monotonic() - started
+
+    def ended(seconds: float, error: BaseException | None) -> None:
         outcome, reason = history.classify(error)
         observations: list[Observation] = []
         if facts.claim:
             observations.append(Observation(POOL_CLAIMS_TOTAL, {"result": facts.claim}))
         if isinstance(error, AdmissionRefused):
             observations += [Observation(ADMISSION_REFUSALS_TOTAL, {"resource": r}) for r in error.resources]
-        if error is None:
+        if error is None:  # a failed prepare's time would skew the boot times
             labels = {"source": facts.source, "mode": facts.mode}
             observations.append(Observation(PREPARE_SECONDS, labels, seconds, history.PREPARE_BUCKETS))
         quietly(
@@ -101,6 +111,9 @@ def prepare_recorded(settings: Settings, job: Job) -> Iterator[PrepareFacts]:
             ),
         )
 
+    with _timed(ended):
+        yield facts
+
 
 @contextmanager
 def stage_recorded(settings: Settings, job: Job, stage: str) -> Iterator[None]:
@@ -108,21 +121,16 @@ def stage_recorded(settings: Settings, job: Job, stage: str) -> Iterator[None]:
     its duration and outcome when it ends."""
     h = job_history(settings)
     row = quietly("stage started", lambda: h.stage_started(job.job_id, stage, time.time()))
-    started = time.monotonic()
-    error: BaseException | None = None
-    try:
-        yield
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        seconds = time.monotonic() - started
+
+    def ended(seconds: float, error: BaseException | None) -> None:
         outcome, reason = history.classify(error)
         status = error.exit_status if isinstance(error, BuildFailure) else None
-        kind = history.stage_kind(stage)
-        observation = Observation(STAGE_SECONDS, {"stage": kind}, seconds, history.STAGE_BUCKETS)
+        observation = Observation(STAGE_SECONDS, {"stage": history.stage_kind(stage)}, seconds, history.STAGE_BUCKETS)
         if row is not None:
             quietly("stage ended", lambda: h.stage_ended(row, seconds, outcome, reason, status, [observation]))
+
+    with _timed(ended):
+        yield
 
 
 def job_ended(settings: Settings, job_id: int, cleanup_seconds: float | None, cleaned_up: bool = True) -> None:

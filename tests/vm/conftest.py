@@ -57,6 +57,7 @@ def write_test_config(
     network: str = "",
     vcpus: int = 1,
     memory_mib: int = 1024,
+    metrics_listen: str = "",
 ) -> Path:
     """A config for tests: the host's pool (or `pool` = (name, path)), network, image and state
     dir (IP reservations must be shared by everything on one network), our own name prefix and
@@ -64,7 +65,9 @@ def write_test_config(
     config says) with these host ports and networks open. No registry mirror unless `mirror`
     (the [mirror] section's lines) says so; `vm` and `timeouts` are added to those sections
     and `extra` is appended (more sections), `network` to [network]. `image_dir`: another base
-    image than the host's. `vcpus` and `memory_mib`: the normal VM size (small by default)."""
+    image than the host's. `vcpus` and `memory_mib`: the normal VM size (small by default).
+    `metrics_listen`: where a test's agent serves metrics (none by default: the host's agent has
+    the default address)."""
     s = host_settings
     pool_name, pool_path = pool or (s.libvirt.pool, s.libvirt.pool_path)
     text = f"""
@@ -108,6 +111,9 @@ allowed_networks = {json.dumps(list(allowed_networks))}
 
 [mirror]
 {mirror}
+
+[metrics]
+listen = "{metrics_listen}"
 {extra}
 """
     directory.mkdir(parents=True, exist_ok=True)

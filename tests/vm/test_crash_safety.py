@@ -35,6 +35,7 @@ from executor.core import naming
 from executor.core.domain_xml import build_raw_volume, parse_job_record
 from executor.core.settings import Settings
 from executor.core.waiting import poll
+from executor.jobvm import journal
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim, kill_group
 
@@ -88,6 +89,13 @@ def leftovers(settings: Settings, settled: bool = False) -> dict:
     if settled:
         poll(lambda: not now(), REMOVAL_WAIT_S, interval=0.2, max_interval=1.0)
     return now()
+
+
+def history_end(settings: Settings, job_id: int) -> tuple[str, str] | None:
+    """How the job history says job `job_id` ended: (outcome, reason); None while it has no end."""
+    rows = [r for r in journal.job_history(settings).jobs() if r.job_id == job_id]
+    assert rows, f"job {job_id} has no row in the job history"
+    return (rows[0].outcome, rows[0].reason) if rows[0].ended is not None else None
 
 
 def why_left(settings: Settings, left: dict, reaped: subprocess.CompletedProcess | None = None) -> str:
@@ -224,6 +232,8 @@ def test_sigkill_prepare_then_cleanup_and_reap_leave_nothing(crash, tmp_path, po
     left = leftovers(settings, settled=True)
     RESULTS.append(f"kill prepare at {point.name:<32} present after kill: {present:<60} leftovers: {left or 'none'}")
     assert left == {}, why_left(settings, left, reaped)
+    # The killed prepare's row says so (a fast host may have finished prepare before the kill).
+    assert history_end(settings, job_id) in (("canceled", "killed"), ("success", ""))
 
 
 @pytest.mark.parametrize("delay", [0.3, 1.0])
@@ -282,6 +292,8 @@ def test_runner_dies_during_prepare_reap_alone_cleans_up(crash, tmp_path, point,
         left = leftovers(settings)
     RESULTS.append(f"runner death at {point.name:<32} (no cleanup), reap: leftovers: {left or 'none'}")
     assert left == {}
+    # No cleanup came: reap ended the job's row, blaming the infrastructure.
+    assert history_end(settings, job_id) == ("system_failure", "no_cleanup")
 
 
 def test_kill_prepare_when_ssh_is_up(crash, tmp_path):

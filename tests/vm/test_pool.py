@@ -14,8 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -29,7 +27,7 @@ from executor.admin.reap import reap
 from executor.core.waiting import poll
 from executor.testing.registry import busybox_files, docker_cli_files, image_layout, running_registry
 from tests.vm.conftest import write_test_config
-from tests.vm.harness import RunnerSim
+from tests.vm.harness import Agent, RunnerSim
 
 pytestmark = pytest.mark.vm
 
@@ -89,37 +87,6 @@ def pool(host_settings, tmp_path_factory, registry, image_copy, leftovers):
     agent.stop()
     reap(load_settings(str(config)))
     assert leftovers(config) == {}
-
-
-class Agent:
-    """The real host agent, in the foreground as its unit runs it, output in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        out = open(self.log, "ab")  # noqa: SIM115 (the process keeps it)
-        return subprocess.Popen(
-            [sys.executable, "-m", "executor", "--config", str(self.config), "agent"],
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def restart(self) -> None:
-        self.stop()
-        self.proc = self._start()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=180)
 
 
 def status(config: Path) -> dict:

@@ -8,15 +8,15 @@ import os
 import signal
 import stat
 
-from executor.adapters.jobhistory import FILE_NAME, JobHistory, Observation
+from executor.adapters.jobhistory import JobHistory, Observation
 from executor.core import history
 
 CTX = multiprocessing.get_context("fork")
 
 
-def _one_job(state_dir: str, job_id: int, stages: int) -> None:
+def _one_job(path: str, job_id: int, stages: int) -> None:
     """What a job's processes write, each write from its own connection as separate processes do."""
-    h = JobHistory(state_dir)
+    h = JobHistory(path)
     h.prepare_started(job_id, "group/project", 7, 1000.0)
     h.prepare_ended(
         job_id,
@@ -39,13 +39,13 @@ def _one_job(state_dir: str, job_id: int, stages: int) -> None:
 def test_two_jobs_at_once_write_every_row_and_count(tmp_path):
     """Eight writer processes (two jobs' worth of stages each, at once): nothing is lost or
     counted twice, and the file is the owner's alone."""
-    procs = [CTX.Process(target=_one_job, args=(str(tmp_path), 100 + i, 25)) for i in range(8)]
+    procs = [CTX.Process(target=_one_job, args=(str(tmp_path / "h.sqlite3"), 100 + i, 25)) for i in range(8)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    h = JobHistory(tmp_path)
+    h = JobHistory(tmp_path / "h.sqlite3")
     rows = h.jobs()
     assert sorted(r.job_id for r in rows) == [100 + i for i in range(8)]
     assert all(len(r.stages) == 25 and r.outcome == history.SUCCESS for r in rows)
@@ -53,20 +53,20 @@ def test_two_jobs_at_once_write_every_row_and_count(tmp_path):
     histograms = {m: (buckets, n) for m, _labels, buckets, _sum, n in h.histograms()}
     assert histograms["prepare_seconds"] == ([(1.0, 0), (5.0, 8)], 8)
     assert histograms["stage_seconds"] == ([(1.0, 200)], 200)
-    assert stat.S_IMODE(os.stat(tmp_path / FILE_NAME).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "h.sqlite3").st_mode) == 0o600
 
 
-def _killed_in_prepare(state_dir: str) -> None:
-    JobHistory(state_dir).prepare_started(5, "p", None, 1000.0)
+def _killed_in_prepare(path: str) -> None:
+    JobHistory(path).prepare_started(5, "p", None, 1000.0)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_job_killed_mid_prepare_keeps_its_row_and_cleanup_says_how_it_ended(tmp_path):
-    p = CTX.Process(target=_killed_in_prepare, args=(str(tmp_path),))
+    p = CTX.Process(target=_killed_in_prepare, args=(str(tmp_path / "h.sqlite3"),))
     p.start()
     p.join(30)
     assert p.exitcode == -signal.SIGKILL
-    h = JobHistory(tmp_path)
+    h = JobHistory(tmp_path / "h.sqlite3")
     assert h.open_jobs() == [5]
     assert h.job_ended(5, 1010.0, 0.3) == (history.CANCELED, history.KILLED)
     assert h.job_ended(5, 1011.0, 0.3) is None  # once only: a second cleanup counts nothing
@@ -74,8 +74,14 @@ def test_a_job_killed_mid_prepare_keeps_its_row_and_cleanup_says_how_it_ended(tm
     assert h.counters() == [("jobs_total", {"outcome": "canceled", "reason": "killed"}, 1.0)]
 
 
+def test_a_job_killed_before_its_prepare_wrote_anything_still_gets_a_row_at_cleanup(tmp_path):
+    h = JobHistory(tmp_path / "h.sqlite3")
+    assert h.job_ended(8, 1000.0, 0.1) == (history.CANCELED, history.KILLED)
+    assert [(r.job_id, r.outcome, r.ended) for r in h.jobs()] == [(8, "canceled", 1000.0)]
+
+
 def test_reap_ends_a_job_whose_cleanup_never_came_as_a_system_failure(tmp_path):
-    h = JobHistory(tmp_path)
+    h = JobHistory(tmp_path / "h.sqlite3")
     h.prepare_started(6, "p", None, 1000.0)
     h.prepare_ended(6, 1.0, history.SUCCESS)
     h.stage_started(6, "step_script", 1001.0)  # the runner died during it
@@ -86,7 +92,7 @@ def test_reap_ends_a_job_whose_cleanup_never_came_as_a_system_failure(tmp_path):
 
 
 def test_a_retried_prepare_starts_its_row_again_and_the_failure_is_kept_with_its_message(tmp_path):
-    h = JobHistory(tmp_path)
+    h = JobHistory(tmp_path / "h.sqlite3")
     h.prepare_started(9, "p", 1, 1000.0)
     h.prepare_ended(9, 3.0, history.SYSTEM_FAILURE, history.TIMEOUT, "timed out\nafter 240 s\x1b[31m")
     assert h.jobs()[0].detail == "timed out after 240 s[31m"
@@ -98,7 +104,7 @@ def test_a_retried_prepare_starts_its_row_again_and_the_failure_is_kept_with_its
 
 
 def test_prune_drops_old_jobs_with_their_stages_but_keeps_the_counters(tmp_path):
-    h = JobHistory(tmp_path)
+    h = JobHistory(tmp_path / "h.sqlite3")
     for job_id, started in ((1, 0.0), (2, 90 * 86400.0)):
         h.prepare_started(job_id, "p", None, started)
         h.prepare_ended(job_id, 1.0, history.SUCCESS)
@@ -110,5 +116,5 @@ def test_prune_drops_old_jobs_with_their_stages_but_keeps_the_counters(tmp_path)
 
 
 def test_reading_before_anything_was_written_gives_nothing(tmp_path):
-    h = JobHistory(tmp_path / "state")
+    h = JobHistory(tmp_path / "state" / "h.sqlite3")
     assert (h.jobs(), h.counters(), h.histograms(), h.open_jobs()) == ([], [], [], [])

@@ -70,6 +70,7 @@ def write_config(
         f'[image]\ndir = "{tmp_path / "image"}"\n'
         f'[paths]\nstate_dir = "{tmp_path / "state"}"\nconsole_log_dir = "{tmp_path / "console"}"\n'
         f"[mirror]\n{mirror}"
+        '[metrics]\nlisten = ""\n'  # the host's own agent may serve the default address
         f"[docker]\nregistry_mirrors = {json.dumps(list(mirrors))}\n{extra}"
     )
     return str(config)
@@ -414,3 +415,28 @@ def test_our_mirror_serving_its_cache_only_is_a_warning_with_since_when_and_why(
     assert f"mode        serving its cache only, read-only: {because}; it pulls through again" in status
     # without a supervisor the file is a leftover and says nothing
     assert "serving its cache only" not in by_name(doctor(config))["registry mirror"].detail
+
+
+def test_doctor_says_whether_the_agent_serves_healthy_metrics(tmp_settings):
+    import dataclasses
+    import socket
+
+    from executor.adapters.prometheus import MetricsServer
+    from executor.admin.doctor import _check_metrics
+    from executor.core.settings import MetricsSettings
+
+    healthy = {"ok": True}
+    server = MetricsServer("127.0.0.1", 0, list, lambda: (healthy["ok"], {"last_error": "libvirtd\x1b[2J gone"}))
+    try:
+        settings = dataclasses.replace(tmp_settings, metrics=MetricsSettings(listen=f"127.0.0.1:{server.port}"))
+        assert _check_metrics(settings).ok is True
+        healthy["ok"] = False
+        check = _check_metrics(settings)
+        assert check.ok is False and "unhealthy" in check.detail and "\x1b" not in check.detail
+    finally:
+        server.close()
+    with socket.socket() as unused:  # a loopback port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    check = _check_metrics(dataclasses.replace(tmp_settings, metrics=MetricsSettings(listen=f"127.0.0.1:{port}")))
+    assert check.ok is True and check.warning and "nothing answers" in check.detail

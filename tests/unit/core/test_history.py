@@ -102,7 +102,7 @@ def test_the_jobs_table_shows_where_each_jobs_time_went():
         "OUTCOME",
     ]
     assert "group/app" in lines[1] and "2m00s ago" in lines[1] and "pool" in lines[1]
-    assert "claim 0.4s give 0.1s pulls 0.5s services 0.2s total 1.2s" in lines[1]
+    assert "claim 0.40s give 0.10s pulls 0.50s services 0.20s total 1.2s" in lines[1]
     assert "2 in 30.5s (step_script failed)" in lines[1]
     assert lines[1].endswith("build_failure (script_failure)")
     assert "\x1b" not in lines[2] and lines[2].endswith("preparing")

@@ -75,6 +75,25 @@ CREATE TABLE IF NOT EXISTS histograms (
 """
 
 
+# The jobs table's columns a JobRow has (all but attempts and prepare_reason).
+_ROW_COLUMNS = (
+    "job_id",
+    "project",
+    "project_id",
+    "vm",
+    "accel",
+    "source",
+    "mode",
+    "started",
+    "prepare_seconds",
+    "phases",
+    "prepare_outcome",
+    "cleanup_seconds",
+    "ended",
+    "outcome",
+    "reason",
+    "detail",
+)
 _READY: set[Path] = set()  # history files this process has made sure of (WAL, tables)
 
 
@@ -227,10 +246,13 @@ class JobHistory:
             _record(db, [*observations, Observation("jobs_total", {"outcome": outcome, "reason": reason})])
             return outcome, reason
 
-    def open_jobs(self) -> list[int]:
-        """Jobs whose row has no end yet."""
+    def open_jobs(self, started_before: float | None = None) -> list[int]:
+        """Jobs whose row has no end yet (that started before `started_before`, if given)."""
+        cutoff = float("inf") if started_before is None else started_before
         with self._db(write=False) as db:
-            return [int(r[0]) for r in db.execute("SELECT job_id FROM jobs WHERE ended IS NULL")]
+            return [
+                int(r[0]) for r in db.execute("SELECT job_id FROM jobs WHERE ended IS NULL AND started < ?", (cutoff,))
+            ]
 
     def record(self, observations: Sequence[Observation]) -> None:
         """Counters and histogram observations that belong to no job's row."""
@@ -252,33 +274,15 @@ class JobHistory:
         """Jobs started at or after `since`, newest first."""
         with self._db(write=False) as db:
             rows = db.execute(
-                "SELECT job_id, project, project_id, vm, accel, source, mode, started, prepare_seconds, "
-                "phases, prepare_outcome, cleanup_seconds, ended, outcome, reason, detail "
-                "FROM jobs WHERE started >= ? ORDER BY started DESC LIMIT ?",
+                f"SELECT {', '.join(_ROW_COLUMNS)} FROM jobs WHERE started >= ? ORDER BY started DESC LIMIT ?",
                 (since, limit),
             ).fetchall()
-            return [
-                JobRow(
-                    job_id=r[0],
-                    project=r[1],
-                    project_id=r[2],
-                    vm=r[3],
-                    accel=r[4],
-                    source=r[5],
-                    mode=r[6],
-                    started=r[7],
-                    prepare_seconds=r[8],
-                    phases=json.loads(r[9]),
-                    prepare_outcome=r[10],
-                    cleanup_seconds=r[11],
-                    ended=r[12],
-                    outcome=r[13],
-                    reason=r[14],
-                    detail=r[15],
-                    stages=_stage_rows(db, r[0]),
-                )
-                for r in rows
-            ]
+            found = []
+            for values in rows:
+                row = dict(zip(_ROW_COLUMNS, values, strict=True))
+                row["phases"] = json.loads(row["phases"])
+                found.append(JobRow(**row, stages=_stage_rows(db, row["job_id"])))
+            return found
 
     def counters(self) -> list[tuple[str, dict[str, str], float]]:
         with self._db(write=False) as db:

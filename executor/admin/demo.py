@@ -23,7 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from executor.admin.listing import leftovers_once_removed
+from executor.admin.observe import recent_jobs
 from executor.core import naming
+from executor.core.history import format_table
 from executor.core.settings import Settings, settings_toml
 from executor.errors import SystemFailure
 from executor.testing.runnersim import RunnerSim, StageResult
@@ -138,6 +140,10 @@ def _run_demo_job(
     if left:
         raise SystemFailure(f"demo: cleanup left {left} behind")
     say(f"--- nothing of {vm} is left on the host (domain, volumes, IP, lock, key, console log)")
+    rows = [r for r in recent_jobs(settings, time.time() - 3600) if r.job_id == job_id]
+    say("--- the job history (`libvirt-executor jobs`) says:")
+    for line in format_table(rows).splitlines():
+        say(f"    {line}")
     failed = [r for r in results if r.rc != 0]
     if failed:
         raise SystemFailure(f"demo job failed at `{' '.join(failed[0].argv[-2:])}` (exit {failed[0].rc})")

@@ -74,6 +74,8 @@ def reap(
         if not result.interrupted:
             for ip in state.release_unowned_ips():
                 result.actions.append(f"released unowned IP reservation {ip}")
+            for job_id in journal.end_stale(settings, now):
+                result.actions.append(f"ended job {job_id}'s row in the job history (no cleanup came)")
     return result
 
 

@@ -152,3 +152,13 @@ def prune(settings: Settings) -> int | None:
     """Drop the rows older than history.keep_days (the agent, now and then); how many jobs went."""
     h = job_history(settings)
     return quietly("pruning", lambda: h.prune(time.time(), settings.history.keep_days))
+
+
+def end_stale(settings: Settings, now: float) -> list[int]:
+    """End the rows of jobs that started longer ago than any job VM may live
+    (timeouts.max_lifetime): their job is gone, without a cleanup or anything left to reap."""
+    h = job_history(settings)
+    stale = quietly("stale jobs", lambda: h.open_jobs(started_before=now - settings.timeouts.max_lifetime)) or []
+    for job_id in stale:
+        job_ended(settings, job_id, None, cleaned_up=False)
+    return stale

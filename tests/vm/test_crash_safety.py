@@ -92,10 +92,12 @@ def leftovers(settings: Settings, settled: bool = False) -> dict:
 
 
 def history_end(settings: Settings, job_id: int) -> tuple[str, str] | None:
-    """How the job history says job `job_id` ended: (outcome, reason); None while it has no end."""
+    """How the job history says job `job_id` ended: (outcome, reason); ("", "") while it has no
+    end; None without a row (a prepare killed before it wrote one, and made nothing either)."""
     rows = [r for r in journal.job_history(settings).jobs() if r.job_id == job_id]
-    assert rows, f"job {job_id} has no row in the job history"
-    return (rows[0].outcome, rows[0].reason) if rows[0].ended is not None else None
+    if not rows:
+        return None
+    return (rows[0].outcome, rows[0].reason) if rows[0].ended is not None else ("", "")
 
 
 def why_left(settings: Settings, left: dict, reaped: subprocess.CompletedProcess | None = None) -> str:
@@ -268,7 +270,7 @@ def test_runner_dies_during_prepare_reap_alone_cleans_up(crash, tmp_path, point,
     config, settings = crash
     vm = naming.vm_name(PREFIX, job_id)
     sim = RunnerSim(config, tmp_path / "job", job_id)
-    kill_prepare_at(sim, settings, vm, point)
+    present = kill_prepare_at(sim, settings, vm, point)
 
     assert executor(config, "reap").returncode == 0
     left = leftovers(settings)
@@ -292,8 +294,11 @@ def test_runner_dies_during_prepare_reap_alone_cleans_up(crash, tmp_path, point,
         left = leftovers(settings)
     RESULTS.append(f"runner death at {point.name:<32} (no cleanup), reap: leftovers: {left or 'none'}")
     assert left == {}
-    # No cleanup came: reap ended the job's row, blaming the infrastructure.
-    assert history_end(settings, job_id) == ("system_failure", "no_cleanup")
+    # No cleanup came: reap ended the job's row, blaming the infrastructure. A prepare that died
+    # before it made anything left at most its row, which reap ends once no job could still
+    # live (timeouts.max_lifetime; unit-tested in test_reap).
+    end = history_end(settings, job_id)
+    assert end == ("system_failure", "no_cleanup") or (end in (None, ("", "")) and present == "nothing"), (end, present)
 
 
 def test_kill_prepare_when_ssh_is_up(crash, tmp_path):

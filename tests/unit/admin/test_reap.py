@@ -219,3 +219,19 @@ def test_select_and_reap_agree(host):
     planned = {t.vm for t in reaping.select(inventory(host.settings), time.time()).reap}
     done = {a.split(" ")[1] for a in reap(host.settings).actions}
     assert planned == done == {"lvx-job-14", "lvx-job-15"}
+
+
+def test_reap_ends_the_history_rows_of_jobs_gone_without_a_trace(host):
+    """A prepare killed after writing its row but before making anything, its runner dead too:
+    nothing is left to reap, and the row is ended once no job VM could still live."""
+    from executor.jobvm import journal
+
+    settings = host.settings
+    h = journal.job_history(settings)
+    h.prepare_started(31, "p", None, NOW - settings.timeouts.max_lifetime - 60)
+    h.prepare_started(32, "p", None, NOW - 60)  # may still be preparing
+    result = reap(settings, now=NOW)
+    assert "ended job 31's row in the job history (no cleanup came)" in result.actions
+    assert h.open_jobs() == [32]
+    assert {r.job_id: (r.outcome, r.reason) for r in h.jobs()}[31] == ("system_failure", "no_cleanup")
+    assert reap(settings, now=NOW, dry_run=True).actions == []  # a dry run ends nothing

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +108,12 @@ class Observation:
     buckets: Sequence[float] | None = None
 
 
-def _in_transaction(db: sqlite3.Connection, work: Callable[[], object]) -> None:
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (no read lock to upgrade later: no deadlock)."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        work()
+        yield
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -143,17 +145,14 @@ class JobHistory:
         try:
             if self.path not in _READY:
                 db.execute("PRAGMA journal_mode=WAL")  # persistent: set once per file
-                _in_transaction(db, lambda: [db.execute(s) for s in _SCHEMA.split(";") if s.strip()])
+                with _transaction(db):
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(statement)
                 _READY.add(self.path)
             db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last rows
             if write:
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(db):
                     yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
             else:
                 yield db
         finally:

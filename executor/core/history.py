@@ -67,9 +67,6 @@ OTHER_STAGE = "other"
 # Stages whose failure does not fail the job (GitLab ignores after_script's exit status).
 _IGNORED_FAILURES = frozenset({"after_script", "cleanup_file_variables"})
 
-SOURCES = ("pool", "cold")
-MODES = ("shell", "image", "dind")
-
 # Seconds: a pool claim is well under a second, a cold boot under TCG a minute or more.
 PREPARE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 STAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)

@@ -22,6 +22,7 @@ from pathlib import Path
 from executor.core.history import JobRow, StageRow, detail, job_outcome
 
 BUSY_TIMEOUT_S = 10.0
+SCHEMA_VERSION = 1  # in the file's user_version once its tables exist
 HistoryError = sqlite3.Error  # what callers catch (with OSError) to go on without the history
 
 _SCHEMA = """
@@ -144,10 +145,14 @@ class JobHistory:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             if self.path not in _READY:
-                db.execute("PRAGMA journal_mode=WAL")  # persistent: set once per file
-                with _transaction(db):
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        db.execute(statement)
+                # Every stage is a new process: a read of the schema's version, not a write
+                # transaction, once the file has its tables (and WAL, which is persistent).
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    with _transaction(db):
+                        for statement in filter(str.strip, _SCHEMA.split(";")):
+                            db.execute(statement)
+                        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 _READY.add(self.path)
             db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last rows
             if write:

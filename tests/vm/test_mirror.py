@@ -9,6 +9,7 @@ the cache) and tries to push through the mirror (refused).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,20 +77,30 @@ def upstream(tmp_path_factory):
         yield reg
 
 
-@pytest.fixture(scope="module")
-def mirror_config(host_settings, tmp_path_factory, upstream):
+@contextlib.contextmanager
+def mirror_test_config(host_settings, directory: Path, prefix: str, upstream: str, port: int):
+    """A test config whose mirror pulls through from `upstream` on `port`: (config, storage);
+    its mirror is stopped and its storage removed afterwards."""
     # Under /var/lib, not the test's tmp dir: the registry runs as docker-registry, which must
     # reach its storage (pytest's tmp dirs are root-only).
-    storage = Path(host_settings.image.dir).parent / f"test-mirror-{os.getpid()}"
+    storage = Path(host_settings.image.dir).parent / f"test-{directory.name}-{os.getpid()}"
     config = write_test_config(
         host_settings,
-        tmp_path_factory.mktemp("mirror") / "cfg",
-        "lvxmir",
-        mirror=f'port = {MIRROR_PORT}\nupstream = "http://{UPSTREAM}"\nstorage = "{storage}"\nmax_gib = 1',
+        directory / "cfg",
+        prefix,
+        mirror=f'port = {port}\nupstream = "http://{upstream}"\nstorage = "{storage}"\nmax_gib = 1',
     )
-    yield config, storage
-    cli(config, "mirror", "stop", check=False)
-    shutil.rmtree(storage, ignore_errors=True)
+    try:
+        yield config, storage
+    finally:
+        cli(config, "mirror", "stop", check=False)
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mirror_config(host_settings, tmp_path_factory, upstream):
+    with mirror_test_config(host_settings, tmp_path_factory.mktemp("mirror"), "lvxmir", UPSTREAM, MIRROR_PORT) as made:
+        yield made
 
 
 def test_start_supervises_one_registry_on_the_vm_network_address_only(mirror_config, host_settings):

@@ -9,9 +9,7 @@ Jobs boot one VM at a time and pull in image mode, as a job's `image:` is pulled
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from executor.testing.registry import busybox_files, image_layout, running_registry
-from tests.vm.conftest import write_test_config
 from tests.vm.harness import RunnerSim
-from tests.vm.test_mirror import cli, mirror_status, registry_pids, wait_for
+from tests.vm.test_mirror import cli, mirror_status, mirror_test_config, registry_pids, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -42,17 +39,9 @@ def upstream(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(host_settings, tmp_path_factory, upstream):
-    # Under /var/lib: the registry runs as docker-registry and must reach its storage.
-    storage = Path(host_settings.image.dir).parent / f"test-mirror-outage-{os.getpid()}"
-    path = write_test_config(
-        host_settings,
-        tmp_path_factory.mktemp("mirror-outage") / "cfg",
-        "lvxout",
-        mirror=f'port = {MIRROR_PORT}\nupstream = "http://{UPSTREAM}"\nstorage = "{storage}"\nmax_gib = 1',
-    )
-    yield path
-    cli(path, "mirror", "stop", check=False)
-    shutil.rmtree(storage, ignore_errors=True)
+    directory = tmp_path_factory.mktemp("mirror-outage")
+    with mirror_test_config(host_settings, directory, "lvxout", UPSTREAM, MIRROR_PORT) as (path, _storage):
+        yield path
 
 
 def _job(config, tmp_path, job_id, image):

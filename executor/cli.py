@@ -425,6 +425,25 @@ def pool_fill_cmd(obj: _Context) -> None:
     click.echo(f"pool: {pool.fill(obj.settings)}")
 
 
+@cli.group("docker-cache")
+def docker_cache_group() -> None:
+    """The per-project Docker layer cache ([docker_cache] in the config; `list` shows it)."""
+
+
+@docker_cache_group.command("prune")
+@click.option(
+    "--project", "project_id", type=click.IntRange(min=1), default=None, help="Only this project id's lineages."
+)
+@click.pass_obj
+def docker_cache_prune_cmd(obj: _Context, project_id: int | None) -> None:
+    """Drop the lineages (every one, or one project's): the next jobs start with empty Docker
+    disks. Disks of running jobs are deleted when those jobs end, without being kept."""
+    from executor.admin import dockercache
+
+    for line in dockercache.prune(obj.settings, project_id):
+        click.echo(f"docker-cache: {line}")
+
+
 @cli.command("jobs")
 @click.option(
     "--since",

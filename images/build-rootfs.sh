@@ -43,8 +43,8 @@ done
 
 log "overlay files"
 cp -a "$HERE/rootfs/." "$ROOTFS/"
-chown -R root:root "$ROOTFS/usr/sbin/lvx-init" "$ROOTFS/etc/ssh/sshd_config" "$ROOTFS/etc/containerd" "$ROOTFS/etc/lvx"
-chmod 0755 "$ROOTFS/usr/sbin/lvx-init"
+chown -R root:root "$ROOTFS/usr/sbin/lvx-init" "$ROOTFS/usr/sbin/lvx-docker-disk" "$ROOTFS/etc/ssh/sshd_config" "$ROOTFS/etc/containerd" "$ROOTFS/etc/lvx"
+chmod 0755 "$ROOTFS/usr/sbin/lvx-init" "$ROOTFS/usr/sbin/lvx-docker-disk"
 chmod 0644 "$ROOTFS/etc/ssh/sshd_config" "$ROOTFS/etc/containerd/config.toml" "$ROOTFS/etc/lvx/docker-base.json"
 
 log "job user $JOB_USER"

@@ -113,6 +113,15 @@ def remove_file(path: Path) -> bool:
         return False
 
 
+def sync_file(path: str) -> None:
+    """Flush a file QEMU wrote to stable storage (a disk kept after its VM is gone)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_secret(path: str, what: str) -> str:
     """A secret kept in a root-only file (its first line); a ConfigError naming `what` if it
     cannot be read or other users can read it. The secret itself never reaches a message."""

@@ -52,6 +52,15 @@ class DomainInfo:
         return is_active(self.state)
 
 
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    path: str
+    capacity: int  # bytes the guest sees
+    allocation: int  # bytes the file takes on the host
+    xml: str  # libvirt's description (domain_xml.volume_backing_path reads its backing file)
+
+
 def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code())
 
@@ -196,6 +205,13 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _failure(f"updating a device of {name}", exc) from None
 
+    def attach_disk(self, name: str, xml: str) -> None:
+        """Plug a disk into the running domain (live only: the VM is never started again)."""
+        try:
+            self._existing(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise _failure(f"attaching a disk to {name}", exc) from None
+
     def destroy(self, name: str) -> bool:
         """Hard power-off (never a shutdown request a hostile guest could ignore).
         Returns False if there was nothing to destroy."""
@@ -280,6 +296,38 @@ class Hypervisor:
             return str(self._pool(pool).createXML(xml, 0).path())
         except libvirt.libvirtError as exc:
             raise _failure("creating volume", exc) from None
+
+    def clone_volume(self, pool: str, xml: str, source: str) -> str:
+        """A new volume (`xml`) with the contents of `source`, read through its backing chain:
+        a flattened copy, made by libvirt's storage driver (qemu-img convert)."""
+        try:
+            p = self._pool(pool)
+            return str(p.createXMLFrom(xml, p.storageVolLookupByName(source), 0).path())
+        except libvirt.libvirtError as exc:
+            raise _failure(f"copying volume {source}", exc) from None
+
+    def volumes(self, pool: str) -> list[VolumeInfo]:
+        """Every volume of the pool, as of a fresh rescan (one deleted meanwhile is left out)."""
+        return [info for name in self.volume_names(pool) if (info := self.volume_info(pool, name)) is not None]
+
+    def volume_info(self, pool: str, name: str) -> VolumeInfo | None:
+        try:
+            vol = self._pool(pool).storageVolLookupByName(name)
+            _, capacity, allocation = vol.info()
+            return VolumeInfo(name, str(vol.path()), int(capacity), int(allocation), str(vol.XMLDesc(0)))
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise _failure(f"reading volume {name}", exc) from None
+
+    def pool_exists(self, pool: str) -> bool:
+        try:
+            self._conn.storagePoolLookupByName(pool)
+            return True
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                return False
+            raise _failure(f"looking up pool {pool}", exc) from None
 
     def upload_volume(self, pool: str, name: str, data: bytes | BinaryIO, length: int | None = None) -> None:
         """Write `data` (bytes, or `length` bytes read from a file) into the volume `name`."""

@@ -14,6 +14,8 @@ keyed by the VM name:
     <state_dir>/claims/<job-vm>     a job served from the warm pool: holds the pool VM's name
     <state_dir>/agent/              the host agent's lock (with its pid), log and status, and
                                     the pool's "drained" marker, per name prefix
+    <state_dir>/docker-cache/       the Docker layer cache's lineages (<lineage>.json: head,
+                                    last use), its lock, and the flattening lock
 
 A lock that is held means "a stage is working on this VM right now": reap never touches it.
 The kernel drops flocks when a process dies, even by SIGKILL, so a crashed prepare never leaves
@@ -332,6 +334,43 @@ class StateDir:
         else:
             _unlink(path)
         return True
+
+    # --- the Docker layer cache's lineages (jobvm.layercache) --------------------------------
+
+    @property
+    def docker_cache_dir(self) -> Path:
+        self.ensure()
+        d = self.root / "docker-cache"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def docker_cache_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """Held while a head is read or replaced and while dead volumes are deleted: short."""
+        return _held_flock(self.docker_cache_dir / "lock", timeout, "updating the Docker layer cache")
+
+    @contextmanager
+    def docker_cache_flattening(self) -> Iterator[bool]:
+        """Non-blocking: True (and the lock held) if no process is flattening a head now."""
+        fd = os.open(self.docker_cache_dir / "flatten.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            yield bool(_try_flock(fd))
+        finally:
+            os.close(fd)
+
+    def read_lineages(self) -> dict[str, dict[str, Any]]:
+        """lineage name -> its record (head, recipe, used, ...); unreadable records are left out."""
+        found = {}
+        for path in sorted(self.docker_cache_dir.glob("*.json")):
+            value = _read_json(path)
+            if isinstance(value, dict):
+                found[path.name[: -len(".json")]] = value
+        return found
+
+    def write_lineage(self, name: str, value: dict[str, Any]) -> None:
+        _write_atomic(self.docker_cache_dir / f"{name}.json", json.dumps(value))
+
+    def remove_lineage(self, name: str) -> None:
+        _unlink(self.docker_cache_dir / f"{name}.json")
 
     # --- the runner binary's volumes (shared by all jobs) ---------------------------------
 

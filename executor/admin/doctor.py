@@ -15,6 +15,7 @@ from executor.adapters.cachestore import CacheStore
 from executor.adapters.hostfiles import load_base_image, load_settings, qcow2_header
 from executor.adapters.hypervisor import Hypervisor, connect
 from executor.adapters.prometheus import ask_health
+from executor.adapters.statedir import StateDir
 from executor.admin import mirror as mirror_admin
 from executor.admin import pool as pool_admin
 from executor.core import accel, mirror, naming, proxy
@@ -24,7 +25,7 @@ from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.core.settings import GIB, Settings, metrics_address
 from executor.core.text import printable
 from executor.errors import ConfigError, ExecutorError, SystemFailure, describe
-from executor.jobvm import headroom, runnervolume
+from executor.jobvm import headroom, layercache, runnervolume
 from executor.jobvm.accel import choose_accel
 from executor.stages.cleanup import cleanup
 from executor.stages.prepare import prepare
@@ -392,6 +393,43 @@ def _libvirt_checks(settings: Settings, hv: Hypervisor, add: Callable[[Check], C
     add(_check_headroom(settings, hv))
     add(_check_network(settings, hv))
     add(_check_network_policy(settings, hv))
+    if settings.docker_cache.enabled:
+        add(_check_docker_cache(settings, hv))
+
+
+def _check_docker_cache(settings: Settings, hv: Hypervisor) -> Check:
+    c = settings.docker_cache
+    try:
+        image = load_base_image(settings.image.dir)
+    except ConfigError:
+        image = None
+    if image is not None and "e2fsprogs" not in object_at(image.manifest, "packages"):
+        return Check(
+            "docker cache",
+            False,
+            "the base image predates the Docker layer cache (no e2fsprogs)",
+            "libvirt-executor image build",
+        )
+    if not hv.pool_exists(c.pool):
+        return Check(
+            "docker cache", True, f"pool {c.pool} is made at the first job", "libvirt-executor setup", warning=True
+        )
+    inv = layercache.inventory(hv, settings, StateDir(settings.paths.state_dir))
+    free = hv.pool_free_bytes(c.pool)
+    cap = c.max_total_gib * GIB
+    detail = (
+        f"{len(inv.lineages)} lineages, {inv.total_bytes / GIB:.2f} of {c.max_total_gib:g} GiB used "
+        f"({c.max_gib:g} GiB per lineage) in {c.dir}, {free / GIB:.1f} GiB free"
+    )
+    if free < cap - inv.total_bytes:
+        return Check(
+            "docker cache",
+            True,
+            detail + " (less than the cap allows)",
+            "free space, or lower docker_cache.max_total_gib",
+            warning=True,
+        )
+    return Check("docker cache", True, detail)
 
 
 def _check_accel(settings: Settings, hv: Hypervisor) -> Check:

@@ -16,9 +16,10 @@ from executor.adapters.statedir import StateDir
 from executor.agent import client as agent_client
 from executor.core import naming, reaping
 from executor.core.domain_xml import parse_job_record
-from executor.core.settings import Settings
+from executor.core.settings import GIB, Settings
 from executor.core.text import printable
 from executor.core.waiting import poll
+from executor.jobvm import layercache
 
 # Cleanup returns once the VM is paused; its remover destroys and removes it within seconds.
 REMOVAL_WAIT_S = 60.0
@@ -91,7 +92,10 @@ def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]
         def mine(name: str) -> bool:
             return name == vm
 
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+        disks = layercache.job_disks(hv, settings, StateDir(settings.paths.state_dir))
     found = {
+        "docker_disks": [v for vm_name, volumes in disks.items() if mine(vm_name) for v in volumes],
         "domains": [d.name for d in inv.domains if mine(d.name)],
         "volumes": [v for v in inv.volumes if mine(naming.vm_of_volume(inv.prefix, v) or "")],
         "ip_reservations": [ip for ip, owner in inv.reservations.items() if mine(owner)],
@@ -154,6 +158,34 @@ def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
         "vms": vms,
         "orphans": orphans,
         "unowned_ip_reservations": unowned,
+        "docker_cache": _docker_cache(settings),
+    }
+
+
+def _docker_cache(settings: Settings) -> dict[str, Any]:
+    c = settings.docker_cache
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+        inv = layercache.inventory(hv, settings, StateDir(settings.paths.state_dir))
+    return {
+        "enabled": c.enabled,
+        "total_bytes": inv.total_bytes,
+        "max_total_bytes": int(c.max_total_gib * GIB),
+        "max_lineage_bytes": int(c.max_gib * GIB),
+        "disks_in_use": inv.in_use,
+        "lineages": [
+            {
+                "name": v.name,
+                "project_id": v.project_id,
+                "protected": v.protected,
+                "head": v.head,
+                "overlays": v.depth,
+                "bytes": v.bytes,
+                "used": int(v.used),
+                "written": int(v.written),
+                "writes": v.writes,
+            }
+            for v in inv.lineages
+        ],
     }
 
 
@@ -214,4 +246,34 @@ def format_table(listing: dict[str, Any]) -> str:
     if listing["unowned_ip_reservations"]:
         lines.append("")
         lines.append("IP reservations without an owner: " + ", ".join(listing["unowned_ip_reservations"]))
+    lines += _docker_cache_table(listing["docker_cache"], listing["now"])
     return "\n".join(lines)
+
+
+def _docker_cache_table(cache: dict[str, Any], now: int) -> list[str]:
+    if not cache["enabled"] and not cache["lineages"]:
+        return []
+    lines = [
+        "",
+        f"Docker layer cache{'' if cache['enabled'] else ' (disabled)'}: {len(cache['lineages'])} lineages, "
+        f"{cache['total_bytes'] / GIB:.2f} of {cache['max_total_bytes'] / GIB:g} GiB, "
+        f"{cache['disks_in_use']} job disks in use",
+    ]
+    if not cache["lineages"]:
+        return lines
+    header = ("LINEAGE", "PROJECT", "REFS", "SIZE", "OVERLAYS", "WRITES", "LAST USED")
+    rows = [header] + [
+        (
+            lineage["name"],
+            str(lineage["project_id"]),
+            "protected" if lineage["protected"] else "unprotected",
+            f"{lineage['bytes'] / GIB:.2f} GiB",
+            str(lineage["overlays"]),
+            str(lineage["writes"]),
+            f"{reaping.format_duration(now - lineage['used'])} ago" if lineage["used"] else "-",
+        )
+        for lineage in cache["lineages"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
+    return lines

@@ -13,7 +13,7 @@ from executor.core import naming, reaping
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred
 from executor.errors import ExecutorError
-from executor.jobvm import journal
+from executor.jobvm import journal, layercache
 from executor.jobvm.teardown import teardown
 
 
@@ -76,7 +76,21 @@ def reap(
                 result.actions.append(f"released unowned IP reservation {ip}")
             for job_id in journal.end_stale(settings, now):
                 result.actions.append(f"ended job {job_id}'s row in the job history (no cleanup came)")
+            _tidy_docker_cache(hv, settings, state, result)
     return result
+
+
+def _tidy_docker_cache(hv: Hypervisor, settings: Settings, state: StateDir, result: ReapResult) -> None:
+    """Volumes of the Docker layer cache that no head and no job needs (a job's disk whose VM is
+    gone), and lineages over their bounds."""
+    try:
+        tidied = layercache.tidy(hv, settings, state)
+    except ExecutorError as exc:
+        result.failures.append(f"Docker layer cache: {exc}")
+        return
+    result.actions += [f"evicted Docker layer cache lineage {e.lineage}: {e.why}" for e in tidied.evicted]
+    result.actions += [f"dropped Docker layer cache lineage {name} (its head is gone)" for name in tidied.dropped]
+    result.actions += [f"deleted Docker layer cache volume {name} (nothing needs it)" for name in tidied.deleted]
 
 
 def _reap_one(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from executor.adapters.prometheus import Health, MetricsServer
 from executor.adapters.statedir import StateDir
 from executor.agent import client
+from executor.agent.cachekeeper import CacheKeeper
 from executor.agent.forwarding import ForwarderKeeper
 from executor.agent.keeper import Keeper
 from executor.core.metrics import Family
@@ -40,6 +41,8 @@ def serve(settings: Settings, config_file: str, say: Callable[[str], None], coll
         )
         keeper = Keeper(config_file, settings, say)
         forwarding = ForwarderKeeper(settings, say)
+        caching = CacheKeeper(lambda: keeper.settings, say)
+        caching.start()
         said: dict[str, str] = {}
         rounds = {"updated": 0.0, "pruned": 0.0}
 
@@ -92,6 +95,7 @@ def serve(settings: Settings, config_file: str, say: Callable[[str], None], coll
             if server is not None:
                 server.close()
             forwarding.stop()
+            caching.stop()
             try:
                 keeper.drain("the agent stopped")
             except ExecutorError as exc:

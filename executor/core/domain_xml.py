@@ -10,6 +10,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from executor.core.layercache import DISK_SERIAL as DOCKER_DISK_SERIAL
 from executor.core.naming import METADATA_KEY, METADATA_NS
 from executor.core.runnerbinary import DISK_SERIAL as RUNNER_DISK_SERIAL
 
@@ -84,6 +85,11 @@ class VMSpec:
     # the gitlab-runner binary's shared read-only volume (core.runnerbinary); "" for none
     runner_volume: str = ""
     limits: Limits = Limits()
+    # the job's Docker layer cache disk (core.layercache); "" for none
+    docker_disk: str = ""
+    # An empty PCIe port, for the Docker disk a warm-pool VM gets at its claim (a q35 machine
+    # has no free hotplug slot otherwise).
+    hotplug_port: bool = False
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -193,6 +199,11 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
         _sub(runner, "serial", RUNNER_DISK_SERIAL)  # how the guest finds it, whatever its name
         _sub(runner, "readonly")  # one volume for every VM: read-only disks are never relabelled back
 
+    if spec.docker_disk:
+        devices.append(docker_disk_element(spec.docker_disk, spec.limits))
+    if spec.hotplug_port:
+        _sub(devices, "controller", type="pci", model="pcie-root-port")
+
     iface = _sub(devices, "interface", type="network")
     _sub(iface, "source", network=spec.network)
     _sub(iface, "mac", address=spec.mac)
@@ -220,6 +231,23 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     # libvirt adds a USB controller and a balloon unless told not to: less device surface.
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
+
+
+def docker_disk_element(path: str, limits: Limits) -> ET.Element:
+    """The job's Docker disk. cache=unsafe as for the overlay: the guest unmounts it (a flush)
+    before it is kept, and the host syncs the file when it becomes a head."""
+    disk = ET.Element("disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    _sub(disk, "source", file=path)
+    _sub(disk, "target", dev="vdd", bus="virtio")
+    _sub(disk, "serial", DOCKER_DISK_SERIAL)
+    _add_iotune(disk, limits)
+    return disk
+
+
+def docker_disk_xml(path: str, limits: Limits) -> str:
+    """The Docker disk as a device document, to plug into a running VM."""
+    return _to_string(docker_disk_element(path, limits))
 
 
 def _filterref(nwfilter: str, parameters: tuple[tuple[str, str], ...]) -> ET.Element:
@@ -265,6 +293,7 @@ def _add_iotune(disk: ET.Element, limits: Limits) -> None:
 
 
 def build_overlay_volume(name: str, backing_path: str, capacity_bytes: int) -> str:
+    """A qcow2 volume over `backing_path` (a qcow2 file); with "" an empty one of its own."""
     vol = ET.Element("volume", type="file")
     _sub(vol, "name", name)
     _sub(vol, "capacity", str(capacity_bytes), unit="bytes")
@@ -272,11 +301,22 @@ def build_overlay_volume(name: str, backing_path: str, capacity_bytes: int) -> s
     _sub(target, "format", type="qcow2")
     perms = _sub(target, "permissions")
     _sub(perms, "mode", "0600")
+    if not backing_path:
+        return _to_string(vol)
     backing = _sub(vol, "backingStore")
     _sub(backing, "path", backing_path)
     # Always name the backing format: probing it lets a guest forge a qcow2 header.
     _sub(backing, "format", type="qcow2")
     return _to_string(vol)
+
+
+def volume_backing_path(xml_text: str) -> str:
+    """The backing file a volume's description names; "" for none (or unreadable XML)."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return ""
+    return (root.findtext("./backingStore/path") or "").strip()
 
 
 def build_raw_volume(name: str, capacity_bytes: int) -> str:

@@ -39,6 +39,9 @@ class Job:
     # The host of the repository URL GitLab sent (git_info.repo_url, set by GitLab, not by the
     # job; its credentials are dropped): the server the VM must reach for git and artifacts.
     gitlab_host: str | None = None
+    # git_info.protected: the job runs for a protected branch or tag (GitLab decides; a job
+    # cannot set it). What the Docker layer cache's trust rests on (core.layercache).
+    protected: bool = False
     # image mode: the job's image and services (no credentials), and why they are unusable
     containers: JobContainers = field(default_factory=lambda: JobContainers(None))
     containers_error: str | None = None
@@ -107,6 +110,7 @@ def parse_job(payload_text: str, environ: Mapping[str, str] | None = None) -> Jo
         runner_id=_positive_int(_first_variable(variables, "CI_RUNNER_ID")),
         timeout_s=timeout,
         gitlab_host=_repository_host(object_at(payload, "git_info")),
+        protected=object_at(payload, "git_info").get("protected") is True,
         public_variables=tuple(public_variables(variables)),
         size_request=_size_request(variables),
         **_containers(payload, environ or {}),

@@ -161,6 +161,18 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class DockerCacheSettings:
+    """The per-project Docker layer cache (jobvm.layercache): the VM's /var/lib/docker on its
+    own disk, a copy-on-write overlay of the project's lineage, kept when the job succeeds."""
+
+    enabled: bool = False
+    dir: str = "/var/lib/libvirt-executor/docker-cache"  # a libvirt dir pool of its own
+    pool: str = "libvirt-executor-docker-cache"  # that pool's libvirt name
+    max_gib: float = 10.0  # per lineage: a lineage grown beyond this is evicted, not written
+    max_total_gib: float = 100.0  # all lineages: the least recently used are evicted first
+
+
+@dataclass(frozen=True)
 class LimitSettings:
     """What one job VM may take of the host, whatever runs inside it (libvirt enforces these in
     QEMU and the host's cgroups, outside the guest). 0 turns a limit off."""
@@ -222,6 +234,7 @@ class Settings:
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    docker_cache: DockerCacheSettings = field(default_factory=DockerCacheSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
@@ -249,6 +262,7 @@ _SECTIONS: dict[str, type] = {
     "mirror": MirrorSettings,
     "runner": RunnerSettings,
     "cache": CacheSettings,
+    "docker_cache": DockerCacheSettings,
     "limits": LimitSettings,
     "admission": AdmissionSettings,
     "pool": PoolSettings,
@@ -354,6 +368,7 @@ def _check(s: Settings, problems: list[str]) -> None:
     _check_docker(s.docker, problems)
     _check_mirror(s.mirror, problems)
     _check_runner_and_cache(s, problems)
+    _check_docker_cache(s, problems)
     _check_limits(s, problems)
     _check_pool(s.pool, problems)
     _check_observability(s, problems)
@@ -456,6 +471,23 @@ def _check_runner_and_cache(s: Settings, problems: list[str]) -> None:
             problems.append(
                 f"cache.server_addresses: {address!r} must be host or host:port, like minio.example.com:9000"
             )
+
+
+def _check_docker_cache(s: Settings, problems: list[str]) -> None:
+    c = s.docker_cache
+    if c.pool == s.libvirt.pool or c.dir.rstrip("/") == s.libvirt.pool_path.rstrip("/"):
+        problems.append("docker_cache.pool and docker_cache.dir: must differ from libvirt.pool and libvirt.pool_path")
+    if not c.dir.startswith("/"):
+        problems.append(f"docker_cache.dir: must be an absolute path, got {c.dir!r}")
+    if not _NAME_RE.match(c.pool):
+        problems.append(f"docker_cache.pool: {c.pool!r} is not a valid libvirt object name")
+    for key, value in (("docker_cache.max_gib", c.max_gib), ("docker_cache.max_total_gib", c.max_total_gib)):
+        if not math.isfinite(value) or not 0 < value <= 1_000_000:
+            problems.append(f"{key}: must be a positive number of GiB, got {value:g}")
+    if c.max_gib > c.max_total_gib:
+        problems.append(
+            f"docker_cache.max_gib: {c.max_gib:g} GiB per lineage is above docker_cache.max_total_gib ({c.max_total_gib:g})"
+        )
 
 
 def _check_docker(d: DockerSettings, problems: list[str]) -> None:

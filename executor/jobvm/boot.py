@@ -97,6 +97,7 @@ class BootPlan:
     runner_volume: str
     choice: accel.Choice
     tls_lifetime_s: float
+    docker_disk: str = ""  # the job's Docker layer cache disk (jobvm.layercache), "" for none
 
 
 def boot_ready_vm(
@@ -310,6 +311,9 @@ def _domain_spec(
         filter_parameters=filter_parameters(settings, record.ip, plan.policy),
         runner_volume=plan.runner_volume,
         limits=vm_limits(settings),
+        docker_disk=plan.docker_disk,
+        # A warm-pool VM gets its job's Docker disk plugged in at the claim.
+        hotplug_port=settings.docker_cache.enabled and not record.job_id,
     )
 
 

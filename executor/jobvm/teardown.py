@@ -16,6 +16,7 @@ from executor.core import naming
 from executor.core.domain_xml import parse_job_record
 from executor.core.settings import Settings
 from executor.errors import ConfigError, SystemFailure
+from executor.jobvm import layercache
 
 
 def stop_for_good(hv: Hypervisor, state: StateDir, vm: str) -> list[str]:
@@ -60,6 +61,8 @@ def teardown(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> li
         ("domain destroyed", lambda: hv.destroy(vm)),
         ("domain undefined", lambda: hv.undefine(vm)),
         ("domain removed after a late start", lambda: _remove_late_domain(hv, vm)),
+        # Before the job dir goes: it says whether the Docker disk is kept.
+        ("Docker disk settled", lambda: layercache.settle(hv, settings, state, vm)),
         ("overlay deleted", lambda: hv.delete_volume(pool, naming.overlay_volume_name(vm))),
         ("seed deleted", lambda: hv.delete_volume(pool, naming.seed_volume_name(vm))),
         ("IP released", lambda: state.release_ip(vm)),

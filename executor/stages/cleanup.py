@@ -23,7 +23,7 @@ from executor.core import naming
 from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, time_limit
-from executor.jobvm import journal
+from executor.jobvm import journal, layercache
 from executor.jobvm.record import job_vm
 from executor.jobvm.teardown import stop_for_good, teardown
 
@@ -46,10 +46,14 @@ def cleanup(settings: Settings, job: Job, config_file: str | None = None) -> Non
 
 
 def _cleanup(settings: Settings, job: Job, config_file: str | None) -> None:
-    if config_file is None:
-        remove(settings, job.job_id)
-        return
     with _job_vm_locked(settings, job.job_id) as (hv, state, vm):
+        # While the VM runs: a job that may write its Docker layer cache lineage lets go of it.
+        released = layercache.release(hv, settings, state, vm)
+        if released:
+            log.info("%s: %s", vm, released)
+        if config_file is None:
+            _remove_locked(hv, settings, state, vm, job.job_id)
+            return
         stopped = stop_for_good(hv, state, vm)
         # Still with signals deferred: a stopped VM is not left without its remover. It waits for our locks.
         argv = [*this_command(), "--config", config_file, REMOVE_COMMAND, str(job.job_id)]
@@ -60,9 +64,13 @@ def _cleanup(settings: Settings, job: Job, config_file: str | None) -> None:
 def remove(settings: Settings, job_id: int) -> None:
     """Remove everything of job `job_id`'s VM, under the job's lock (and the pool VM's)."""
     with _job_vm_locked(settings, job_id) as (hv, state, vm):
-        removed = teardown(hv, settings, state, vm)
-        for name in {vm, naming.vm_name(settings.vm.name_prefix, job_id)}:
-            state.remove_lock_file(name)  # still held: nothing of the job is left
+        _remove_locked(hv, settings, state, vm, job_id)
+
+
+def _remove_locked(hv: Hypervisor, settings: Settings, state: StateDir, vm: str, job_id: int) -> None:
+    removed = teardown(hv, settings, state, vm)
+    for name in {vm, naming.vm_name(settings.vm.name_prefix, job_id)}:
+        state.remove_lock_file(name)  # still held: nothing of the job is left
     log.info("cleaned up %s: %s", vm, ", ".join(removed) if removed else "nothing was left")
 
 

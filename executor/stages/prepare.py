@@ -25,7 +25,7 @@ from executor.core.jobenv import Job, RegistryCredentials
 from executor.core.settings import Settings
 from executor.core.waiting import signals_deferred, signals_raise_interrupted, time_limit
 from executor.errors import ConfigError, Interrupted, JobRefused, SystemFailure
-from executor.jobvm import boot, journal, pool
+from executor.jobvm import boot, journal, layercache, pool
 from executor.jobvm.accel import choose_accel
 from executor.jobvm.boot import ReadyVM, Timings
 from executor.jobvm.teardown import teardown
@@ -99,14 +99,30 @@ def _prepare(
                         )
                     if ready is None:
                         boot.admit(hv, settings, image)  # early: a refusal costs nothing; again at the disk
+                        disk = layercache.make_disk(hv, settings, state, image, job, job_vm)
+                        layercache.say_plan(disk, say)
                         ready = _boot_cold(
-                            hv, settings, state, image, job, job_vm, policy, runner_volume, timings, runner_alive, say
+                            hv,
+                            settings,
+                            state,
+                            image,
+                            job,
+                            job_vm,
+                            policy,
+                            runner_volume,
+                            disk,
+                            timings,
+                            runner_alive,
+                            say,
                         )
+                    else:
+                        disk = layercache.make_disk(hv, settings, state, image, job, ready.vm)
+                        layercache.say_plan(disk, say)
                     vm = ready.vm
                     facts.vm, facts.accel, facts.source = vm, ready.record.accel, ready.record.source
                     facts.mode = "shell" if plan is None else ("dind" if plan.dind else "image")
                     with ready:
-                        _give(hv, settings, job, plan, ready, policy, timings, credentials, say, runner_alive)
+                        _give(hv, settings, job, plan, ready, disk, policy, timings, credentials, say, runner_alive)
                         runner_alive()  # a VM handed to nobody would wait for reap
                     if config_file is not None:
                         _start_holder(settings, config_file, vm)
@@ -183,6 +199,7 @@ def _boot_cold(
     vm: str,
     policy: netpolicy.Policy,
     runner_volume: str,
+    disk: layercache.JobDisk | None,
     timings: Timings,
     runner_alive: Callable[[], bool],
     say: Callable[[str], None],
@@ -211,6 +228,7 @@ def _boot_cold(
         runner_volume=runner_volume,
         choice=choice,
         tls_lifetime_s=_lifetime(settings, job),
+        docker_disk=disk.path if disk else "",
     )
     return boot.boot_ready_vm(
         hv, settings, state, image, plan, timings, runner_alive, say, lambda: boot.admit(hv, settings, image)
@@ -223,15 +241,20 @@ def _give(
     job: Job,
     plan: imagemode.Plan | None,
     ready: ReadyVM,
+    disk: layercache.JobDisk | None,
     policy: netpolicy.Policy,
     timings: Timings,
     credentials: Callable[[], RegistryCredentials],
     say: Callable[[str], None],
     runner_alive: Callable[[], bool],
 ) -> None:
-    """Give the ready VM to the job: a pool VM gets the job's network allowances (a cold one
-    was booted with them); in image mode, the services and the build container."""
+    """Give the ready VM to the job: a pool VM gets the job's Docker disk and network
+    allowances (a cold one was booted with them); in image mode, the services and the build
+    container."""
     timings.mark("ready")
+    if disk is not None and ready.record.source == "pool":
+        layercache.plug(hv, settings, ready, disk)
+        timings.mark("plugged")
     if ready.record.source == "pool" and settings.libvirt.nwfilter:
         wanted = boot.filter_parameters(settings, ready.ip, policy)
         if wanted != boot.filter_parameters(settings, ready.ip, boot.network_policy(settings)):
@@ -259,7 +282,13 @@ def _give(
 
 def _phases(ready: ReadyVM, timings: Timings, image_mode: bool) -> dict[str, float]:
     """Where prepare's time went, in order: for the ready line and the job history."""
-    if ready.record.source == "pool":
+    if ready.record.source == "pool" and "plugged" in timings.marks:
+        phases = {
+            "claim": timings.between(None, "ready"),
+            "docker_disk": timings.between("ready", "plugged"),
+            "give": timings.between("plugged", "given"),
+        }
+    elif ready.record.source == "pool":
         phases = {"claim": timings.between(None, "ready"), "give": timings.between("ready", "given")}
     else:
         phases = {

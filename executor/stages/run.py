@@ -28,8 +28,9 @@ from executor.adapters.statedir import StateDir
 from executor.core.jobenv import Job
 from executor.core.settings import Settings
 from executor.errors import BuildFailure, Interrupted, SystemFailure
-from executor.jobvm import journal
+from executor.jobvm import cacheverdict, journal
 from executor.jobvm.record import VMLost, job_vm
+from executor.stages.config import DRIVER_NAME
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +69,28 @@ def _run(settings: Settings, job: Job, script_path: str, stage: str, stdout: Bin
     state = StateDir(settings.paths.state_dir)
     vm = job_vm(settings, state, job.job_id)
     _refuse_if_lost(state, vm)
-    try:
-        try:
-            status = through_holder(state.holder_file(vm, "sock"), job.job_id, stage, script, stdout, stderr)
-        except NotServed as exc:
-            log.debug("the job's connection holder did not take the %s stage (%s): connecting directly", stage, exc)
-            _refuse_if_lost(state, vm)  # the holder may have found the VM dead meanwhile
-            from executor.stages import stage_exec
 
-            status = stage_exec.run_direct(settings, job, state, vm, stage, script, stdout, stderr)
-    except SystemFailure as exc:
-        if not isinstance(exc, (VMLost, Interrupted)) and state.lost_reason(vm) is not None:
-            raise VMLost(str(exc)) from None  # the holder found it: the history says which failure
-        raise
-    outcome = script_outcome(status)
-    if outcome is not None:
-        raise outcome
+    def say(line: str) -> None:
+        stderr.write(f"{DRIVER_NAME}: {line}\n".encode())
+        stderr.flush()
+
+    with cacheverdict.stage_watched(state, vm, stage, say):
+        try:
+            try:
+                status = through_holder(state.holder_file(vm, "sock"), job.job_id, stage, script, stdout, stderr)
+            except NotServed as exc:
+                log.debug("the job's connection holder did not take the %s stage (%s): connecting directly", stage, exc)
+                _refuse_if_lost(state, vm)  # the holder may have found the VM dead meanwhile
+                from executor.stages import stage_exec
+
+                status = stage_exec.run_direct(settings, job, state, vm, stage, script, stdout, stderr)
+        except SystemFailure as exc:
+            if not isinstance(exc, (VMLost, Interrupted)) and state.lost_reason(vm) is not None:
+                raise VMLost(str(exc)) from None  # the holder found it: the history says which failure
+            raise
+        outcome = script_outcome(status)
+        if outcome is not None:
+            raise outcome
 
 
 def _refuse_if_lost(state: StateDir, vm: str) -> None:

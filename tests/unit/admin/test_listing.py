@@ -107,6 +107,8 @@ def test_table_marks_expired_and_strips_control_characters(host):
         ],
         "orphans": [],
         "unowned_ip_reservations": [],
+        "now": 0,
+        "docker_cache": {"enabled": False, "lineages": []},
     }
     row = format_table(listing).splitlines()[1]
     assert "\x1b" not in row

@@ -17,9 +17,11 @@ from executor.core.domain_xml import (
     build_nat_network,
     build_overlay_volume,
     build_raw_volume,
+    docker_disk_xml,
     interface_with_filter,
     metadata_xml,
     parse_job_record,
+    volume_backing_path,
 )
 
 NS = "{" + naming.METADATA_NS + "}"
@@ -70,6 +72,28 @@ def test_golden_overlay_volume(golden):
         "overlay-volume.xml",
         build_overlay_volume("lvx-job-4242.qcow2", "/var/lib/libvirt-executor/image/disk.qcow2", 20 * 1024**3),
     )
+
+
+def test_docker_disk_and_a_free_hotplug_port_only_when_asked(spec_factory):
+    plain = ET.fromstring(build_domain(spec_factory()))
+    assert not [d for d in plain.findall("./devices/disk") if d.findtext("serial") == "lvx-docker"]
+    assert plain.find("./devices/controller[@model='pcie-root-port']") is None
+    with_disk = ET.fromstring(build_domain(spec_factory(docker_disk="/cache/lvx-p1-protected.lvx-job-1.qcow2")))
+    (disk,) = [d for d in with_disk.findall("./devices/disk") if d.findtext("serial") == "lvx-docker"]
+    assert disk.find("source").get("file") == "/cache/lvx-p1-protected.lvx-job-1.qcow2"
+    assert disk.find("driver").get("type") == "qcow2"
+    pool_vm = ET.fromstring(build_domain(spec_factory(hotplug_port=True)))
+    assert pool_vm.find("./devices/controller[@model='pcie-root-port']") is not None
+    plugged = ET.fromstring(docker_disk_xml("/c/d.qcow2", Limits(disk_iops_sec=100)))
+    assert plugged.findtext("serial") == "lvx-docker" and plugged.findtext("iotune/read_iops_sec") == "100"
+
+
+def test_overlay_volume_without_backing_and_reading_a_backing_back():
+    empty = build_overlay_volume("d.qcow2", "", 1024)
+    assert "backingStore" not in empty and volume_backing_path(empty) == ""
+    over = build_overlay_volume("d.qcow2", "/c/head.qcow2", 1024)
+    assert volume_backing_path(over) == "/c/head.qcow2"
+    assert volume_backing_path("<volume") == ""
 
 
 def test_golden_raw_volume(golden):

@@ -179,6 +179,7 @@ def test_job_token_and_secret_variables_are_not_kept():
     assert {f.name for f in dataclasses.fields(job)} == {
         "job_id",
         "project_id",
+        "protected",
         "project",
         "pipeline_id",
         "runner_id",
@@ -250,3 +251,16 @@ def test_image_and_services_come_from_the_payload_before_the_environment():
     from_env = parse_job(json.dumps(payload()), env)
     assert from_env.containers.image.name == "alpine:3"
     assert [s.name for s in from_env.containers.services] == ["redis:7"]
+
+
+@pytest.mark.parametrize(
+    ("git_info", "protected"),
+    [({"protected": True}, True), ({"protected": False}, False), ({"protected": "true"}, False), ({}, False)],
+)
+def test_protected_only_when_the_payload_says_true(git_info, protected):
+    data = payload()
+    data["git_info"] = git_info
+    data["variables"].append(
+        {"key": "CI_COMMIT_REF_PROTECTED", "value": "true"}
+    )  # a job's own claim counts for nothing
+    assert parse_job(json.dumps(data)).protected is protected

@@ -114,6 +114,17 @@ def test_network_and_gateway_come_from_the_subnet():
         ("[cache]\nmax_total_gib = -1", "cache.max_total_gib", "positive number of GiB"),
         ("[cache]\nmax_gib = 60", "cache.max_gib", "60 GiB per project is above cache.max_total_gib (50)"),
         ('[cache]\nserver_addresses = ["http://minio:9000"]', "cache.server_addresses", "host or host:port"),
+        ("[docker_cache]\nenabled = 1", "docker_cache.enabled", "expected true or false"),
+        ("[docker_cache]\nmax_gib = 0", "docker_cache.max_gib", "positive number of GiB"),
+        ("[docker_cache]\nmax_total_gib = nan", "docker_cache.max_total_gib", "positive number of GiB"),
+        (
+            "[docker_cache]\nmax_gib = 200",
+            "docker_cache.max_gib",
+            "200 GiB per lineage is above docker_cache.max_total_gib",
+        ),
+        ('[docker_cache]\ndir = "cache"', "docker_cache.dir", "absolute path"),
+        ('[docker_cache]\npool = "a b"', "docker_cache.pool", "not a valid libvirt object name"),
+        ('[docker_cache]\npool = "libvirt-executor"', "docker_cache.pool and docker_cache.dir", "must differ"),
         ('[cache]\nserver_addresses = ["minio:99999"]', "cache.server_addresses", "host or host:port"),
         # wrong types
         ('[vm]\nvcpus = "2"', "vm.vcpus", "expected an integer"),

@@ -87,9 +87,9 @@ class VMSpec:
     limits: Limits = Limits()
     # the job's Docker layer cache disk (core.layercache); "" for none
     docker_disk: str = ""
-    # An empty PCIe port, for the Docker disk a warm-pool VM gets at its claim (a q35 machine
-    # has no free hotplug slot otherwise).
-    hotplug_port: bool = False
+    # A virtio-scsi controller, for the Docker disk a warm-pool VM gets at its claim: a SCSI
+    # disk is plugged in without a free PCIe slot (libvirt fills every port it adds on q35).
+    scsi_controller: bool = False
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -201,8 +201,8 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
 
     if spec.docker_disk:
         devices.append(docker_disk_element(spec.docker_disk, spec.limits))
-    if spec.hotplug_port:
-        _sub(devices, "controller", type="pci", model="pcie-root-port")
+    if spec.scsi_controller:
+        _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
 
     iface = _sub(devices, "interface", type="network")
     _sub(iface, "source", network=spec.network)
@@ -233,21 +233,22 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     _sub(devices, "memballoon", model="none")
 
 
-def docker_disk_element(path: str, limits: Limits) -> ET.Element:
-    """The job's Docker disk. cache=unsafe as for the overlay: the guest unmounts it (a flush)
-    before it is kept, and the host syncs the file when it becomes a head."""
+def docker_disk_element(path: str, limits: Limits, bus: str = "virtio") -> ET.Element:
+    """The job's Docker disk: virtio when the VM boots with it, "scsi" when it is plugged in.
+    cache=unsafe as for the overlay: the guest unmounts it (a flush) before it is kept, and the
+    host syncs the file when it becomes a head."""
     disk = ET.Element("disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
     _sub(disk, "source", file=path)
-    _sub(disk, "target", dev="vdd", bus="virtio")
+    _sub(disk, "target", dev="vdd" if bus == "virtio" else "sda", bus=bus)
     _sub(disk, "serial", DOCKER_DISK_SERIAL)
     _add_iotune(disk, limits)
     return disk
 
 
 def docker_disk_xml(path: str, limits: Limits) -> str:
-    """The Docker disk as a device document, to plug into a running VM."""
-    return _to_string(docker_disk_element(path, limits))
+    """The Docker disk as a device document, to plug into a running VM's SCSI controller."""
+    return _to_string(docker_disk_element(path, limits, bus="scsi"))
 
 
 def _filterref(nwfilter: str, parameters: tuple[tuple[str, str], ...]) -> ET.Element:

@@ -11,7 +11,7 @@ never named for a job.
 When a job that may write ends successfully, its disk becomes the lineage's new head (the head's
 file is never written again); a failed job's disk is deleted. A head is thus a chain of overlays,
 which the host agent flattens into one volume once it is deeper than FLATTEN_DEPTH. Every volume
-lives in the cache's own libvirt pool, named `<lineage>.<vm>.qcow2` (a job's disk) or
+lives in the cache's own libvirt pool, named `<lineage>.<vm>.<token>.qcow2` (a job's disk) or
 `<lineage>.flat-<token>.qcow2` (a flattened head).
 """
 
@@ -31,7 +31,7 @@ FLAT_MARK = ".flat-"
 _LINEAGE = re.compile(
     r"^(?P<prefix>[a-z][a-z0-9-]{0,15})-p(?P<project>[1-9][0-9]{0,17})-(?P<kind>protected|unprotected)$"
 )
-_VOLUME = re.compile(r"^(?P<lineage>[a-z0-9-]+)\.(?P<owner>[a-z0-9-]+)\.qcow2$")
+_VOLUME = re.compile(r"^(?P<lineage>[a-z0-9-]+)\.(?P<owner>[a-z0-9-]+)(\.[0-9a-f]{1,32})?\.qcow2$")
 
 
 def lineage_name(prefix: str, project_id: int, protected: bool) -> str:
@@ -46,8 +46,9 @@ def parse_lineage(name: str) -> tuple[str, int, bool] | None:
     return m["prefix"], int(m["project"]), m["kind"] == PROTECTED
 
 
-def job_volume_name(lineage: str, vm: str) -> str:
-    return f"{lineage}.{vm}.qcow2"
+def job_volume_name(lineage: str, vm: str, token: str) -> str:
+    """A job's disk; `token` (hex) tells a retried prepare's disk from its earlier attempt's."""
+    return f"{lineage}.{vm}.{token}.qcow2"
 
 
 def flat_volume_name(lineage: str, token: str) -> str:

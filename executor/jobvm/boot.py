@@ -313,7 +313,7 @@ def _domain_spec(
         limits=vm_limits(settings),
         docker_disk=plan.docker_disk,
         # A warm-pool VM gets its job's Docker disk plugged in at the claim.
-        hotplug_port=settings.docker_cache.enabled and not record.job_id,
+        scsi_controller=settings.docker_cache.enabled and not record.job_id,
     )
 
 

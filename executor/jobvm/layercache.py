@@ -96,13 +96,12 @@ def make_disk(
             plan = layercache.plan(settings.vm.name_prefix, job.project_id, job.protected, heads)
             assert plan is not None
             base = hv.volume_info(pool, plan.base) if plan.base else None
-        name = layercache.job_volume_name(plan.write, vm)
+        name = layercache.job_volume_name(plan.write, vm, secrets.token_hex(4))
         state.write_job_record(
             vm,
             cacheverdict.DISK_RECORD,
             {"read": plan.read, "write": plan.write, "volume": name, "recipe": _recipe(image), "made": time.time()},
         )
-        hv.delete_volume(pool, name)  # an earlier attempt's
         capacity = max(settings.vm.disk_gib * GIB, base.capacity if base else 0)
         path = hv.create_volume(pool, build_overlay_volume(name, base.path if base else "", capacity))
         if plan.read:
@@ -204,7 +203,7 @@ def settle(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> str:
             )
     log.info("Docker layer cache: %s", outcome)
     try:
-        tidy(hv, settings, state)
+        tidy(hv, settings, state, gone=vm)  # with an earlier attempt's disk of this VM
         # The host agent flattens heads early; without it, the remover does at MAX_DEPTH.
         flatten_deep_heads(hv, settings, state, layercache.MAX_DEPTH)
     except SystemFailure as exc:  # the disk is settled; the next tidy does the rest
@@ -239,20 +238,21 @@ def _cache_volumes(settings: Settings, infos: list[VolumeInfo]) -> dict[str, lay
     }
 
 
-def _in_use(hv: Hypervisor, state: StateDir, volumes: dict[str, layercache.CacheVolume]) -> list[str]:
-    """Job disks whose VM still exists or is being worked on (its lock held)."""
+def _in_use(hv: Hypervisor, state: StateDir, volumes: dict[str, layercache.CacheVolume], gone: str = "") -> list[str]:
+    """Job disks whose VM still exists or is being worked on (its lock held); not those of
+    `gone`, the VM whose teardown asks (it holds the lock, its domain is gone)."""
     return sorted(
         name
         for name in volumes
-        if (vm := layercache.volume_vm(name)) and (state.lock_held(vm) or hv.domain(vm) is not None)
+        if (vm := layercache.volume_vm(name)) and vm != gone and (state.lock_held(vm) or hv.domain(vm) is not None)
     )
 
 
-def tidy(hv: Hypervisor, settings: Settings, state: StateDir, recipe: str | None = None) -> Tidied:
+def tidy(hv: Hypervisor, settings: Settings, state: StateDir, recipe: str | None = None, gone: str = "") -> Tidied:
     """Evict lineages over docker_cache.max_gib, then the least recently used while all of them
     hold more than max_total_gib, drop lineages whose head is gone (or, given the current image's
-    `recipe`, that another image made), and delete every volume no head and no live job needs.
-    Each eviction is logged."""
+    `recipe`, that another image made), and delete every volume no head and no live job needs
+    (`gone`: a VM being torn down, whose disks no job needs any more). Each eviction is logged."""
     c = settings.docker_cache
     if not hv.pool_exists(c.pool):
         return Tidied([], [], [])
@@ -273,7 +273,7 @@ def tidy(hv: Hypervisor, settings: Settings, state: StateDir, recipe: str | None
             state.remove_lineage(name)
             heads.pop(name, None)
             log.info("Docker layer cache: dropped lineage %s (its head is gone, or another image made it)", name)
-        in_use = _in_use(hv, state, volumes)
+        in_use = _in_use(hv, state, volumes, gone)
         used = {name: float(lineages[name].get("used", 0.0)) for name in heads}
         evicted = layercache.evictions(volumes, heads, used, in_use, int(c.max_gib * GIB), int(c.max_total_gib * GIB))
         for eviction in evicted:
@@ -377,15 +377,16 @@ def inventory(hv: Hypervisor, settings: Settings, state: StateDir) -> Inventory:
 
 
 def job_disks(hv: Hypervisor, settings: Settings, state: StateDir) -> dict[str, list[str]]:
-    """VM -> its job disks that are no lineage's head (what a job leaves until teardown)."""
+    """VM -> its job disks that no head is made of (what a job leaves until teardown)."""
     pool = settings.docker_cache.pool
     if not hv.pool_exists(pool):
         return {}
-    heads = set(_heads(_lineages(settings, state)).values())
+    volumes = _cache_volumes(settings, hv.volumes(pool))
+    live = layercache.live_volumes(volumes, _heads(_lineages(settings, state)).values())
     found: dict[str, list[str]] = {}
-    for name in _cache_volumes(settings, hv.volumes(pool)):
+    for name in volumes:
         vm = layercache.volume_vm(name)
-        if vm and name not in heads:
+        if vm and name not in live:
             found.setdefault(vm, []).append(name)
     return found
 

@@ -65,7 +65,7 @@ def current_fingerprint(settings: Settings, image: BaseImage, runner_volume: str
         "mirror": dataclasses.asdict(settings.mirror),
         "docker": [d.registry_mirrors, d.insecure_registries, boot.extra_cas(settings)],
         "pool": [settings.pool.idle, settings.pool.prepull],
-        "docker_cache": settings.docker_cache.enabled,  # a free PCIe port for the job's disk
+        "docker_cache": settings.docker_cache.enabled,  # a SCSI controller for the job's disk
     }
     return decide.fingerprint(identity, runner_volume, json.dumps(shaping, sort_keys=True))
 

@@ -74,17 +74,19 @@ def test_golden_overlay_volume(golden):
     )
 
 
-def test_docker_disk_and_a_free_hotplug_port_only_when_asked(spec_factory):
+def test_docker_disk_and_a_scsi_controller_only_when_asked(spec_factory):
     plain = ET.fromstring(build_domain(spec_factory()))
     assert not [d for d in plain.findall("./devices/disk") if d.findtext("serial") == "lvx-docker"]
-    assert plain.find("./devices/controller[@model='pcie-root-port']") is None
+    assert plain.find("./devices/controller[@type='scsi']") is None
     with_disk = ET.fromstring(build_domain(spec_factory(docker_disk="/cache/lvx-p1-protected.lvx-job-1.qcow2")))
     (disk,) = [d for d in with_disk.findall("./devices/disk") if d.findtext("serial") == "lvx-docker"]
     assert disk.find("source").get("file") == "/cache/lvx-p1-protected.lvx-job-1.qcow2"
     assert disk.find("driver").get("type") == "qcow2"
-    pool_vm = ET.fromstring(build_domain(spec_factory(hotplug_port=True)))
-    assert pool_vm.find("./devices/controller[@model='pcie-root-port']") is not None
+    assert disk.find("target").get("bus") == "virtio"
+    pool_vm = ET.fromstring(build_domain(spec_factory(scsi_controller=True)))
+    assert pool_vm.find("./devices/controller[@type='scsi']").get("model") == "virtio-scsi"
     plugged = ET.fromstring(docker_disk_xml("/c/d.qcow2", Limits(disk_iops_sec=100)))
+    assert plugged.find("target").get("bus") == "scsi"
     assert plugged.findtext("serial") == "lvx-docker" and plugged.findtext("iotune/read_iops_sec") == "100"
 
 

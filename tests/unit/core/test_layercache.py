@@ -22,7 +22,8 @@ def test_names_round_trip_and_foreign_names_are_not_ours():
         "../p1-protected",
     ):
         assert lc.parse_lineage(foreign) is None
-    disk = lc.job_volume_name(name, "lvx-job-7")
+    disk = lc.job_volume_name(name, "lvx-job-7", "0a1b")
+    assert disk == "lvx-p42-protected.lvx-job-7.0a1b.qcow2"
     assert lc.volume_lineage(disk) == name and lc.volume_vm(disk) == "lvx-job-7"
     flat = lc.flat_volume_name(name, "ab12")
     assert lc.volume_lineage(flat) == name and lc.volume_vm(flat) is None

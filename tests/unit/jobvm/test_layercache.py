@@ -85,6 +85,14 @@ def head(state, lineage: str) -> str:
     return state.read_lineages().get(lineage, {}).get("head", "")
 
 
+def test_a_retried_prepare_gets_a_new_disk_and_never_touches_the_head(hv, settings, state, synced):
+    first = layercache.make_disk(hv, settings, state, image(), job(1), "lvx-job-1")
+    finish(hv, settings, state, "lvx-job-1", keep=True)
+    again = layercache.make_disk(hv, settings, state, image(), job(1), "lvx-job-1")  # the same job id
+    assert again.volume != first.volume and again.plan.base == first.volume
+    assert hv.volume_info(POOL, first.volume) is not None
+
+
 def test_off_or_without_a_project_no_disk(hv, tmp_settings, settings, state):
     assert layercache.make_disk(hv, tmp_settings, state, image(), job(1), "lvx-job-1") is None
     assert layercache.make_disk(hv, settings, state, image(), job(1, project_id=None), "lvx-job-1") is None
@@ -93,7 +101,7 @@ def test_off_or_without_a_project_no_disk(hv, tmp_settings, settings, state):
 def test_first_job_gets_an_empty_disk_and_its_success_makes_the_head(hv, settings, state, synced):
     disk = layercache.make_disk(hv, settings, state, image(), job(1), "lvx-job-1")
     assert disk is not None and disk.plan == lc.CachePlan("", "lvx-p7-protected", "")
-    assert disk.volume == "lvx-p7-protected.lvx-job-1.qcow2"
+    assert disk.volume.startswith("lvx-p7-protected.lvx-job-1.") and lc.volume_vm(disk.volume) == "lvx-job-1"
     info = hv.volume_info(POOL, disk.volume)
     assert info is not None and info.capacity == settings.vm.disk_gib * GIB
     assert "now" in finish(hv, settings, state, "lvx-job-1", keep=True)

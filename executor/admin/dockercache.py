@@ -6,6 +6,7 @@ from __future__ import annotations
 from executor.adapters.hypervisor import connect
 from executor.adapters.statedir import StateDir
 from executor.core import naming
+from executor.core.layercache import size_text
 from executor.core.settings import Settings
 from executor.jobvm import layercache
 
@@ -19,4 +20,4 @@ def prune(settings: Settings, project_id: int | None = None) -> list[str]:
     which = f"of project {project_id}" if project_id is not None else f"of prefix {settings.vm.name_prefix!r}"
     if not dropped:
         return [f"no lineages {which}"]
-    return [f"dropped {name} ({before.get(name, 0) / 1024**3:.2f} GiB)" for name in dropped]
+    return [f"dropped {name} ({size_text(before.get(name, 0))})" for name in dropped]

@@ -16,6 +16,7 @@ from executor.adapters.statedir import StateDir
 from executor.agent import client as agent_client
 from executor.core import naming, reaping
 from executor.core.domain_xml import parse_job_record
+from executor.core.layercache import size_text
 from executor.core.settings import GIB, Settings
 from executor.core.text import printable
 from executor.core.waiting import poll
@@ -267,7 +268,7 @@ def _docker_cache_table(cache: dict[str, Any], now: int) -> list[str]:
             lineage["name"],
             str(lineage["project_id"]),
             "protected" if lineage["protected"] else "unprotected",
-            f"{lineage['bytes'] / GIB:.2f} GiB",
+            size_text(lineage["bytes"]),
             str(lineage["overlays"]),
             str(lineage["writes"]),
             f"{reaping.format_duration(now - lineage['used'])} ago" if lineage["used"] else "-",

@@ -195,7 +195,9 @@ def evictions(
         size = chain_bytes(head, volumes)
         if size > max_lineage_bytes:
             out.append(
-                Eviction(lineage, size, f"{_gib(size)} is over docker_cache.max_gib ({_gib(max_lineage_bytes)})")
+                Eviction(
+                    lineage, size, f"{size_text(size)} is over docker_cache.max_gib ({size_text(max_lineage_bytes)})"
+                )
             )
             del remaining[lineage]
     busy = list(in_use)
@@ -212,8 +214,8 @@ def evictions(
             Eviction(
                 lineage,
                 size,
-                f"least recently used while all lineages hold {_gib(current)}, over docker_cache.max_total_gib "
-                f"({_gib(max_total_bytes)})",
+                f"least recently used while all lineages hold {size_text(current)}, over docker_cache.max_total_gib "
+                f"({size_text(max_total_bytes)})",
             )
         )
     return out
@@ -223,5 +225,6 @@ def needs_flatten(head: str, volumes: Mapping[str, CacheVolume], depth: int = FL
     return len(chain(head, volumes)) > depth
 
 
-def _gib(size: int) -> str:
-    return f"{size / 1024**3:.2f} GiB"
+def size_text(size: int) -> str:
+    """Bytes for a log line: MiB below a GiB."""
+    return f"{size / 1024**3:.2f} GiB" if size >= 1024**3 else f"{size / 1024**2:.1f} MiB"

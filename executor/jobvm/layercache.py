@@ -161,10 +161,8 @@ def release(hv: Hypervisor, settings: Settings, state: StateDir, vm: str) -> str
         return f"Docker disk not kept for {lineage}: the VM could not release it: {result.stderr.strip()[-300:]}"
     used = result.stdout.strip().rpartition("used ")[2]
     state.write_job_record(vm, cacheverdict.DISK_RECORD, {**disk, "keep": True})
-    return (
-        f"Docker disk released for {lineage} ({int(used) / GIB:.2f} GiB used)"
-        if used.isdigit()
-        else (f"Docker disk released for {lineage}")
+    return f"Docker disk released for {lineage}" + (
+        f" ({layercache.size_text(int(used))} used)" if used.isdigit() else ""
     )
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from executor.core.dind import DEFAULT_DIND_IMAGES
 from executor.testing.runnersim import RunnerSim
 from tests.vm.conftest import write_test_config
 from tests.vm.harness import Agent
-from tests.vm.test_dind import REGISTRY_PORT, registry  # noqa: F401 (the module's registry fixture)
+from tests.vm.test_dind import REGISTRY_PORT, executor_cli, registry  # noqa: F401 (the module's registry fixture)
 from tests.vm.test_pool import wait_idle
 
 pytestmark = pytest.mark.vm
@@ -34,8 +32,9 @@ pytestmark = pytest.mark.vm
 CACHE = 'pool = "lvxtest-docker-cache"\ndir = "/var/lib/libvirt-executor/test-docker-cache"\n'
 PROJECT_A, PROJECT_B, PROJECT_C, PROJECT_D = 71, 72, 73, 74
 
-# Two RUN steps: the first takes measurable time and leaves the job's MARK; legacy builder
-# (the VM's docker CLI has no buildx), so a cached step says "Using cache".
+# Two RUN steps: the first takes measurable time and leaves the job's MARK. Shell jobs use the
+# legacy builder (DOCKER_BUILDKIT=0: the VM's docker CLI has no buildx), where a cached step
+# says "Using cache"; the dind pipeline BuildKit (BUILD_FLAGS=--progress=plain), "CACHED".
 BUILD = """
 set -e
 mkdir -p /tmp/ctx && cp /bin/busybox /tmp/ctx/
@@ -45,9 +44,9 @@ COPY busybox /bin/busybox
 RUN ["/bin/busybox", "sh", "-c", "sleep 4; echo $MARK > /marker"]
 RUN ["/bin/busybox", "sh", "-c", "/bin/busybox seq 1 20000 > /numbers"]
 EOF
-start=$(date +%s%N)
-DOCKER_BUILDKIT=0 docker build -t ${TAG:-lvx-cached:1} /tmp/ctx
-echo "build took $(( ($(date +%s%N) - start) / 1000000 )) ms"
+start=$(tr -d . < /proc/uptime | cut -d" " -f1)  # centiseconds (busybox date has no %N)
+docker build $BUILD_FLAGS -t ${TAG:-lvx-cached:1} /tmp/ctx 2>&1
+echo "build took $(( ($(tr -d . < /proc/uptime | cut -d" " -f1) - start) * 10 )) ms"
 docker run --rm ${TAG:-lvx-cached:1} /bin/busybox cat /marker
 """
 
@@ -55,16 +54,6 @@ docker run --rm ${TAG:-lvx-cached:1} /bin/busybox cat /marker
 def cache_config(host_settings, directory: Path, prefix: str, extra: str = "", **kwargs) -> Path:
     return write_test_config(
         host_settings, directory, prefix, extra=f"\n[docker_cache]\nenabled = true\n{CACHE}{extra}", **kwargs
-    )
-
-
-def executor_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "executor", "--config", str(cfg), *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
 
 
@@ -83,7 +72,7 @@ class Job:
                 "job_info": {"id": job_id, "project_id": project, "project_name": f"p{project}"},
                 "git_info": {"protected": protected},
             },
-            variables=variables,
+            variables={"DOCKER_BUILDKIT": "0", **variables},
         )
 
     def prepare(self):
@@ -225,9 +214,9 @@ def test_a_lineage_grown_over_max_gib_is_evicted(host_settings, tmp_path, leftov
 
 def test_an_unchanged_dind_pipeline_from_the_warm_pool_gets_buildkit_cache_hits(
     host_settings,
-    registry,
+    registry,  # noqa: F811 (the fixture imported above)
     tmp_path,
-    leftovers,  # noqa: F811
+    leftovers,
 ):
     cfg = cache_config(
         host_settings,
@@ -246,19 +235,9 @@ def test_an_unchanged_dind_pipeline_from_the_warm_pool_gets_buildkit_cache_hits(
         "DOCKER_TLS_VERIFY": "1",
         "DOCKER_CERT_PATH": "/certs/client",
         "DOCKER_BUILDKIT": "1",
+        "BUILD_FLAGS": "--progress=plain",
+        "MARK": "built",
     }
-    pipeline = """
-set -e
-mkdir -p /tmp/ctx && cp /bin/busybox /tmp/ctx/
-cat > /tmp/ctx/Dockerfile <<EOF
-FROM scratch
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "sh", "-c", "sleep 4; echo built > /marker"]
-RUN ["/bin/busybox", "sh", "-c", "/bin/busybox seq 1 20000 > /numbers"]
-EOF
-docker build --progress=plain -t lvx-dind-built:1 /tmp/ctx 2>&1
-docker run --rm lvx-dind-built:1 /bin/busybox cat /marker
-"""
     agent = Agent(cfg, tmp_path / "agent.log")
     try:
         outputs = []
@@ -280,7 +259,7 @@ docker run --rm lvx-dind-built:1 /bin/busybox cat /marker
                 prepared = sim.prepare()
                 assert prepared.rc == 0, prepared.describe()
                 assert re.search(r"ready at \S+ \(pool, .*docker-disk [0-9.]+s", prepared.stdout), prepared.stdout
-                result = sim.run(pipeline)
+                result = sim.run(BUILD)
                 assert result.rc == 0 and result.stdout.rstrip().endswith("built"), result.describe()
                 outputs.append(result.stdout)
             finally:

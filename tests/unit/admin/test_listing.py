@@ -146,3 +146,35 @@ def test_cli_list_json_and_reap_exit_codes(host, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--config", str(config), "reap"])
     assert capsys.readouterr().out == "reap: nothing to do\n"
+
+
+def test_table_ends_with_the_docker_cache_lineages():
+    listing = {
+        "prefix": "lvx",
+        "vms": [],
+        "orphans": [],
+        "unowned_ip_reservations": [],
+        "now": 1000,
+        "docker_cache": {
+            "enabled": True,
+            "total_bytes": 3 * 1024**3,
+            "max_total_bytes": 100 * 1024**3,
+            "disks_in_use": 1,
+            "lineages": [
+                {
+                    "name": "lvx-p7-protected",
+                    "project_id": 7,
+                    "protected": True,
+                    "bytes": 40 * 1024**2,
+                    "overlays": 2,
+                    "writes": 5,
+                    "used": 900,
+                },
+            ],
+        },
+    }
+    lines = format_table(listing).splitlines()
+    assert "Docker layer cache: 1 lineages, 3.00 of 100 GiB, 1 job disks in use" in lines
+    assert lines[-1].split() == ["lvx-p7-protected", "7", "protected", "40.0", "MiB", "2", "5", "1m40s", "ago"]
+    listing["docker_cache"] = {"enabled": False, "lineages": []}
+    assert "Docker layer cache" not in format_table(listing)

@@ -250,3 +250,26 @@ def test_stage_watched_keeps_the_verdict_and_says_a_failure_once(settings, state
             raise RuntimeError("exit 1")
     assert cacheverdict.verdict(state, "lvx-job-1") == lc.VERDICT_FAILED
     assert said == ["the step_release stage failed: this job's Docker layers are not kept for lvx-p7-protected"]
+
+
+def test_cli_docker_cache_prune(hv, settings, state, synced, tmp_path, capsys):
+    from executor import cli
+
+    layercache.make_disk(hv, settings, state, image(), job(1), "lvx-job-1")
+    finish(hv, settings, state, "lvx-job-1", keep=True)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[libvirt]\nuri = "test:///default"\npool = "default-pool"\nnetwork = "default"\n'
+        f'[paths]\nstate_dir = "{settings.paths.state_dir}"\nconsole_log_dir = "{settings.paths.console_log_dir}"\n'
+        f'[docker_cache]\nenabled = true\npool = "{POOL}"\ndir = "{settings.docker_cache.dir}"\n'
+    )
+    for args, code, out in (
+        (["--project", "0"], 2, ""),
+        (["--project", "8"], 0, "docker-cache: no lineages of project 8\n"),
+        (["--project", "7"], 0, "docker-cache: dropped lvx-p7-protected (1.00 GiB)\n"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--config", str(config), "docker-cache", "prune", *args])
+        assert exit_info.value.code == code
+        assert capsys.readouterr().out == out
+    assert hv.volumes(POOL) == []

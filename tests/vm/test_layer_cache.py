@@ -226,6 +226,7 @@ def test_an_unchanged_dind_pipeline_from_the_warm_pool_gets_buildkit_cache_hits(
         allow_host_ports=(REGISTRY_PORT,),
         docker=(
             f'insecure_registries = ["{registry["address"]}"]\nwait_for_services_timeout = 180\n'
+            'pull_policy = ["if-not-present"]\n'
             f"dind_images = {json.dumps([*DEFAULT_DIND_IMAGES, '**/lvx/docker:*dind*'])}\n"
         ),
     )
@@ -259,6 +260,9 @@ def test_an_unchanged_dind_pipeline_from_the_warm_pool_gets_buildkit_cache_hits(
                 prepared = sim.prepare()
                 assert prepared.rc == 0, prepared.describe()
                 assert re.search(r"ready at \S+ \(pool, .*docker-disk [0-9.]+s", prepared.stdout), prepared.stdout
+                # the job's own image comes out of the lineage, unpacked, from the second job on
+                pulled = f"Pulling docker image {registry['tools']}" in prepared.stdout
+                assert pulled is (job_id == 7231), prepared.stdout
                 result = sim.run(BUILD)
                 assert result.rc == 0 and result.stdout.rstrip().endswith("built"), result.describe()
                 outputs.append(result.stdout)

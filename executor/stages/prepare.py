@@ -99,8 +99,11 @@ def _prepare(
                         )
                     if ready is None:
                         boot.admit(hv, settings, image)  # early: a refusal costs nothing; again at the disk
-                        disk = layercache.make_disk(hv, settings, state, image, job, job_vm)
-                        layercache.say_plan(disk, say)
+                    else:
+                        vm = ready.vm  # from here a failure removes the claimed VM
+                    disk = layercache.make_disk(hv, settings, state, image, job, vm)
+                    layercache.say_plan(disk, say)
+                    if ready is None:
                         ready = _boot_cold(
                             hv,
                             settings,
@@ -115,9 +118,6 @@ def _prepare(
                             runner_alive,
                             say,
                         )
-                    else:
-                        disk = layercache.make_disk(hv, settings, state, image, job, ready.vm)
-                        layercache.say_plan(disk, say)
                     vm = ready.vm
                     facts.vm, facts.accel, facts.source = vm, ready.record.accel, ready.record.source
                     facts.mode = "shell" if plan is None else ("dind" if plan.dind else "image")

@@ -205,7 +205,7 @@ def test_a_lineage_grown_over_max_gib_is_evicted(host_settings, tmp_path, leftov
     assert lineages(cfg) == {}
     remover_log = (tmp_path / "cfg" / "console" / "remover-lvxlcev.log").read_text()
     assert re.search(
-        rf"evicted lineage lvxlcev-p{PROJECT_D}-protected: [0-9.]+ GiB is over docker_cache.max_gib", remover_log
+        rf"evicted lineage lvxlcev-p{PROJECT_D}-protected: [0-9.]+ [MG]iB is over docker_cache.max_gib", remover_log
     )
     _, after = one_job(cfg, tmp_path, 7222, PROJECT_D, True, "docker images -aq | wc -l\n")
     assert after.stdout.split() == ["0"], after.describe()

@@ -6,8 +6,10 @@ directory); `core.reaping` decides what is ours, what is expired and what is orp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from executor.adapters.hostfiles import console_log_vms
@@ -83,7 +85,9 @@ def leftovers_once_removed(
 def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]:
     """Everything of this prefix (or of one VM) still on the host, per resource class, counted
     from the raw inventory rather than the reaper's rules. Empty means nothing is left."""
-    inv = inventory(settings)
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+        inv = inventory(settings, hv)
+        disks = layercache.job_disks(hv, settings, StateDir(settings.paths.state_dir))
     if vm is None:
 
         def mine(name: str) -> bool:
@@ -93,8 +97,6 @@ def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]
         def mine(name: str) -> bool:
             return name == vm
 
-    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
-        disks = layercache.job_disks(hv, settings, StateDir(settings.paths.state_dir))
     found = {
         "docker_disks": [v for vm_name, volumes in disks.items() if mine(vm_name) for v in volumes],
         "domains": [d.name for d in inv.domains if mine(d.name)],
@@ -111,7 +113,9 @@ def leftovers(settings: Settings, vm: str | None = None) -> dict[str, list[str]]
 def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
     """Our VMs and orphaned pieces, as the stable structure `list --json` prints."""
     now = int(time.time() if now is None else now)
-    inv = inventory(settings)
+    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
+        inv = inventory(settings, hv)
+        cache = _docker_cache(settings, hv)
     vms = []
     for d in reaping.our_domains(inv):
         r = d.record
@@ -159,34 +163,20 @@ def list_vms(settings: Settings, now: float | None = None) -> dict[str, Any]:
         "vms": vms,
         "orphans": orphans,
         "unowned_ip_reservations": unowned,
-        "docker_cache": _docker_cache(settings),
+        "docker_cache": cache,
     }
 
 
-def _docker_cache(settings: Settings) -> dict[str, Any]:
+def _docker_cache(settings: Settings, hv: Hypervisor) -> dict[str, Any]:
     c = settings.docker_cache
-    with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
-        inv = layercache.inventory(hv, settings, StateDir(settings.paths.state_dir))
+    inv = layercache.inventory(hv, settings, StateDir(settings.paths.state_dir))
     return {
         "enabled": c.enabled,
         "total_bytes": inv.total_bytes,
         "max_total_bytes": int(c.max_total_gib * GIB),
         "max_lineage_bytes": int(c.max_gib * GIB),
         "disks_in_use": inv.in_use,
-        "lineages": [
-            {
-                "name": v.name,
-                "project_id": v.project_id,
-                "protected": v.protected,
-                "head": v.head,
-                "overlays": v.depth,
-                "bytes": v.bytes,
-                "used": int(v.used),
-                "written": int(v.written),
-                "writes": v.writes,
-            }
-            for v in inv.lineages
-        ],
+        "lineages": [dataclasses.asdict(view) for view in inv.lineages],
     }
 
 
@@ -223,9 +213,7 @@ def format_table(listing: dict[str, Any]) -> str:
                     _clean(vm["accel"] or "-"),
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        for row in rows:
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+        lines += _aligned(rows)
     else:
         lines.append(f"no VMs of this executor (prefix {listing['prefix']!r})")
     if listing["orphans"]:
@@ -275,6 +263,10 @@ def _docker_cache_table(cache: dict[str, Any], now: int) -> list[str]:
         )
         for lineage in cache["lineages"]
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
-    return lines
+    return lines + _aligned(rows)
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]

@@ -17,6 +17,7 @@ from executor.core import naming
 from executor.core.domain_xml import build_dir_pool, build_nat_network
 from executor.core.nwfilter_xml import FILTER_NAME, build_job_filter, same_rules
 from executor.errors import ConfigError
+from executor.jobvm import layercache
 
 SOURCE_EXAMPLE = Path(__file__).resolve().parent.parent.parent / "config.example.toml"
 
@@ -55,6 +56,9 @@ def setup_host(config_file: str, example: str | None = None) -> list[str]:
     with connect(settings.libvirt.uri, naming.METADATA_NS) as hv:
         if hv.ensure_pool(settings.libvirt.pool, build_dir_pool(settings.libvirt.pool, settings.libvirt.pool_path)):
             changes.append(f"storage pool {settings.libvirt.pool} at {settings.libvirt.pool_path} defined and started")
+        cache = settings.docker_cache
+        if cache.enabled and layercache.ensure_pool(hv, settings):
+            changes.append(f"storage pool {cache.pool} at {cache.dir} defined and started (the Docker layer cache)")
         network_xml = build_nat_network(
             settings.libvirt.network,
             settings.libvirt.bridge,

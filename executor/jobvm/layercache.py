@@ -55,9 +55,10 @@ class JobDisk:
     path: str
 
 
-def ensure_pool(hv: Hypervisor, settings: Settings) -> None:
+def ensure_pool(hv: Hypervisor, settings: Settings) -> bool:
+    """Define and start the cache's pool if needed; whether anything changed."""
     c = settings.docker_cache
-    hv.ensure_pool(c.pool, build_dir_pool(c.pool, c.dir))
+    return hv.ensure_pool(c.pool, build_dir_pool(c.pool, c.dir))
 
 
 def _recipe(image: BaseImage) -> str:
@@ -328,14 +329,16 @@ def flatten_deep_heads(
 
 @dataclass(frozen=True)
 class LineageView:
+    """One lineage as `list --json` shows it (times: Unix seconds)."""
+
     name: str
     project_id: int
     protected: bool
     head: str
-    depth: int
+    overlays: int  # the files its head is made of
     bytes: int
-    used: float
-    written: float
+    used: int
+    written: int
     writes: int
 
 
@@ -364,10 +367,10 @@ def inventory(hv: Hypervisor, settings: Settings, state: StateDir) -> Inventory:
                 project_id=parsed[1],
                 protected=parsed[2],
                 head=head,
-                depth=len(layercache.chain(head, volumes)),
+                overlays=len(layercache.chain(head, volumes)),
                 bytes=layercache.chain_bytes(head, volumes),
-                used=float(record.get("used", 0.0)),
-                written=float(record.get("written", 0.0)),
+                used=int(record.get("used", 0)),
+                written=int(record.get("written", 0)),
                 writes=int(record.get("writes", 0)),
             )
         )
